@@ -1,0 +1,268 @@
+"""`cmgen train | sample | eval | export | recipes`.
+
+User errors print one line and exit with code 2; `--debug` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from cmgen.errors import UserError
+
+EPILOG = "Recipes are YAML files; `cmgen recipes` lists the shipped ones. Docs: README.md."
+
+
+def _device(name: str | None):
+    import torch
+
+    if name:
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"--device '{name}' is not a device; use cpu, cuda or cuda:N") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ----------------------------------------------------------------------------- train
+
+def cmd_train(args) -> int:
+    from cmgen.recipe import dump_recipe, load_recipe
+    from cmgen.train import Trainer, configure_threads, default_run_dir
+
+    overrides = list(args.overrides)
+    if args.smoke:
+        return _smoke(args.recipe, overrides)
+    recipe = load_recipe(args.recipe, overrides)
+    if args.dry_run:
+        print(dump_recipe(recipe), end="")
+        return 0
+    configure_threads(recipe.train.threads)
+    out = Path(args.out) if args.out else default_run_dir(recipe)
+    start = time.time()
+    trainer = Trainer(recipe, out, resume=args.resume, progress=not args.no_progress)
+    if trainer.is_main:
+        print(f"cmgen: training '{trainer.recipe.name}' ({trainer.recipe.train.steps} steps, "
+              f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M parameters, "
+              f"{trainer.world} process(es), {os.environ.get('OMP_NUM_THREADS') or __import__('torch').get_num_threads()} "
+              f"thread(s) each) into {out}" + (f", resuming at step {trainer.step}" if trainer.step else ""))
+    trainer.run(stop_after=args.stop_after)
+    if trainer.is_main:
+        minutes = (time.time() - start) / 60
+        print(f"cmgen: run '{out}' is at step {trainer.step} after {minutes:.1f} min")
+        for name in ("samples_1step.png", "samples_2step.png", "loss.png"):
+            if (out / name).exists():
+                print(f"  {out / name}")
+        print(f"  checkpoints: {out / 'checkpoints'}   metrics: {out / 'metrics.jsonl'}")
+        print(f"sample from it:  cmgen sample {out} --steps 2 --n 64 --out {out / 'my_samples.png'}")
+    return 0
+
+
+def _smoke(recipe_path: str, overrides: list[str]) -> int:
+    """Load a recipe, build its model and run 2 optimizer steps on random data of the right shape."""
+    import tempfile
+
+    import torch
+
+    from cmgen.recipe import load_recipe
+    from cmgen.train import Trainer, configure_threads
+
+    base = load_recipe(recipe_path, overrides)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    small = [f"train.steps=2", f"train.batch_size={2 * world * base.train.grad_accum}", "train.checkpoint_every=1000000",
+             "train.log_every=1", "eval.every=0", "train.sample_every=0"]
+    recipe = load_recipe(recipe_path, overrides + small)
+    configure_threads(recipe.train.threads)
+    with tempfile.TemporaryDirectory(prefix="cmgen-smoke-") as tmp:
+        trainer = Trainer(recipe, Path(tmp), smoke=True, progress=False)
+        n_params = sum(p.numel() for p in trainer.model.parameters())
+        start = time.time()
+        losses = []
+        for _ in range(2):
+            terms = trainer.train_step()
+            losses.append(float("nan") if terms is None else terms["loss"])
+        took = time.time() - start
+    ok = all(torch.isfinite(torch.tensor(losses)))
+    print(f"cmgen: smoke test of '{recipe.name}': {n_params / 1e6:.1f}M parameters, data shape "
+          f"{list(trainer.data.shape)}, 2 steps at batch {recipe.train.batch_size} in {took:.1f}s, "
+          f"losses {', '.join(f'{l:.4g}' for l in losses)} -> {'ok' if ok else 'NOT FINITE'}")
+    return 0 if ok else 1
+
+
+# ----------------------------------------------------------------------------- sample
+
+def cmd_sample(args) -> int:
+    import numpy as np
+    import torch
+
+    from cmgen.plots import save_samples, to_uint8
+    from cmgen.runs import load_model
+    from cmgen.sampling import default_sigmas, generate, parse_sigmas
+    from cmgen.train import configure_threads
+
+    configure_threads(args.threads)
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be 1 or more, got {args.steps}")
+    out = Path(args.out)
+    _check_output(out)
+    device = _device(args.device)
+    lm = load_model(args.run, ema=not args.no_ema, device=device)
+    r, p = lm.recipe, lm.recipe.precond
+    if args.sigmas:
+        sigmas = parse_sigmas(args.sigmas, p.sigma_min, p.sigma_max)
+        if args.steps is not None and args.steps != len(sigmas):
+            raise UserError(f"--steps {args.steps} disagrees with --sigmas ({len(sigmas)} values); give one of them")
+    else:
+        sigmas = default_sigmas(r, args.steps or 1)
+    labels = None
+    if args.class_label is not None:
+        if not lm.num_classes or not r.model.class_conditional:
+            raise UserError("--class-label was given but the model is not class-conditional")
+        if not 0 <= args.class_label < lm.num_classes:
+            raise UserError(f"--class-label must be in [0, {lm.num_classes}), got {args.class_label}")
+        labels = torch.full((args.n,), args.class_label, dtype=torch.long)
+    ncls = lm.num_classes if r.model.class_conditional else 0
+    autocast = torch.bfloat16 if args.bf16 else None
+    batches, ys = [], []
+    for x, y in generate(lm.model, args.n, lm.shape, sigmas, seed=args.seed, batch_size=args.batch_size,
+                         num_classes=ncls, labels=labels, sigma_min=p.sigma_min, device=device,
+                         clip_denoised=r.sample.clip_denoised and lm.kind == "image", autocast_dtype=autocast,
+                         progress=not args.no_progress, desc=f"sampling {len(sigmas)}-step"):
+        batches.append(x)
+        if y is not None:
+            ys.append(y)
+    x = torch.cat(batches)
+    written = []
+    suffix = out.suffix.lower()
+    if suffix in (".png", ""):
+        png = out if suffix == ".png" else out.with_suffix(".png")
+        shown = x[:args.grid_max]
+        save_samples(shown, png, title=f"{len(sigmas)}-step, sigmas {','.join(f'{s:g}' for s in sigmas)}")
+        written.append(png)
+    if suffix in (".npz", ""):
+        npz = out if suffix == ".npz" else out.with_suffix(".npz")
+        arrays = {"samples": x.numpy(), "sigmas": np.asarray(sigmas), "seed": np.asarray(args.seed)}
+        if lm.kind == "image":
+            arrays["images"] = to_uint8(x)
+        if ys:
+            arrays["labels"] = torch.cat(ys).numpy()
+        np.savez(npz, **arrays)
+        written.append(npz)
+    if suffix not in (".png", ".npz", ""):
+        raise UserError(f"--out must end in .png or .npz (or have no suffix for both), got '{out.name}'")
+    print(f"cmgen: {args.n} samples, {len(sigmas)} step(s) at sigmas {', '.join(f'{s:g}' for s in sigmas)}, "
+          f"{'EMA' if not args.no_ema else 'raw'} weights of {lm.source} -> {', '.join(map(str, written))}")
+    return 0
+
+
+def _check_output(out: Path) -> None:
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out '{out}' cannot be written ({exc.strerror}); choose another path") from None
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--out '{out}' cannot be written (no permission for '{parent}'); choose another path")
+
+
+# ----------------------------------------------------------------------------- recipes
+
+def cmd_recipes(args) -> int:
+    from cmgen.recipe import list_recipes
+
+    rows = list_recipes()
+    width = max(len(n) for n, _ in rows)
+    for name, desc in rows:
+        print(f"{name.ljust(width)}  {desc}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cmgen", description="Consistency and diffusion generative models: "
+                                "train from recipes, sample in one or two steps, evaluate, export to diffusers.",
+                                epilog=EPILOG)
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    t = sub.add_parser("train", help="train from a recipe file", epilog=EPILOG)
+    t.add_argument("recipe", metavar="RECIPE", help="recipe YAML file or shipped recipe name (e.g. ict_digits)")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=2000 optim.lr=2e-4")
+    t.add_argument("--out", metavar="DIR", help="run folder (default: runs/<recipe name>)")
+    t.add_argument("--resume", metavar="auto|PATH", help="continue from the newest checkpoint in --out (auto) or from PATH")
+    t.add_argument("--stop-after", type=int, metavar="N", help="stop after N steps of this invocation (schedules still "
+                   "follow train.steps); resume later with --resume auto")
+    t.add_argument("--smoke", action="store_true", help="build the model and run 2 steps on random data of the right shape")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="draw samples from a run, checkpoint or diffusers pipeline folder", epilog=EPILOG)
+    s.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run folder, checkpoints/step-N folder or pipeline folder")
+    s.add_argument("--steps", type=int, default=None, help="number of sampling steps (1 or 2 use the recipe's sigmas)")
+    s.add_argument("--sigmas", metavar="S1,S2,...", help="explicit decreasing noise levels, e.g. 80,0.821")
+    s.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    s.add_argument("--seed", type=int, default=0, help="sample j uses seed + j (default 0)")
+    s.add_argument("--out", required=True, metavar="FILE", help="FILE.png (grid), FILE.npz (uint8 NHWC 'images' and "
+                   "float NCHW 'samples'), or FILE without suffix for both")
+    s.add_argument("--no-ema", action="store_true", help="use the raw training weights instead of the EMA")
+    s.add_argument("--class-label", type=int, default=None, help="class for every sample (class-conditional models)")
+    s.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (default 256)")
+    s.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    s.add_argument("--bf16", action="store_true", help="sample under bf16 autocast")
+    s.add_argument("--grid-max", type=int, default=256, help="at most this many samples in the PNG grid (default 256)")
+    s.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_sample)
+
+    rc = sub.add_parser("recipes", help="list the shipped recipes")
+    rc.set_defaults(func=cmd_recipes)
+
+    _optional_commands(sub)
+    return p
+
+
+def _optional_commands(sub) -> None:
+    """Commands whose modules register themselves: `cmgen eval ...` and `cmgen export ...`."""
+    import importlib
+
+    for module in ("cmgen.eval.cli", "cmgen.export_cli"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("cmgen"):
+                continue
+            raise
+        mod.add_parser(sub)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False) or "--debug" in argv
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"cmgen: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cmgen: interrupted; the newest complete checkpoint is intact (resume with --resume auto)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Backbones wrapped in the shared preconditioning."""
+from __future__ import annotations
+
+from cmgen.precond import ConsistencyDenoiser
+
+
+def build_backbone(recipe, shape: tuple[int, ...], num_classes: int):
+    """The bare network F for data of `shape` (C, H, W) or (D,)."""
+    m = recipe.model
+    if m.arch == "mlp":
+        from cmgen.models.mlp import MLPBackbone
+
+        if len(shape) != 1:
+            from cmgen.errors import UserError
+            raise UserError(f"recipe key 'model.arch' is mlp but the data are images of shape {shape}; use unet")
+        return MLPBackbone(shape[0], m.hidden, m.depth, num_classes if m.class_conditional else 0, m.dropout)
+    from diffusers import UNet2DModel
+
+    from cmgen.models.unet import UNetBackbone, unet_kwargs
+
+    if len(shape) != 3:
+        from cmgen.errors import UserError
+        raise UserError(f"recipe key 'model.arch' is unet but the data are points of shape {shape}; use mlp")
+    return UNetBackbone(UNet2DModel(**unet_kwargs(m, shape[0], shape[1], num_classes)))
+
+
+def build_denoiser(recipe, shape, num_classes: int) -> ConsistencyDenoiser:
+    return ConsistencyDenoiser(build_backbone(recipe, shape, num_classes), recipe.precond)

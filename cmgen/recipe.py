@@ -1,0 +1,347 @@
+"""Recipes: YAML files loaded into frozen, typed dataclasses.
+
+Every key is checked: an unknown key or a value of the wrong type is a one-line error that
+names the dotted key and, where one is close, the valid key meant. Dotted overrides
+(`train.steps=2000`) are applied before validation, so they obey the same rules.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from cmgen.errors import UserError
+from cmgen.precond import PrecondConfig
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"            # digits | toy2d | folder | cifar10 | random
+    path: Optional[str] = None      # folder: image directory; cifar10: torchvision root
+    toy: str = "ring"               # toy2d: ring | moons
+    n_points: int = 20000           # toy2d: size of the fixed training set
+    resolution: Optional[int] = None  # folder/random: side length; digits are 8x8, cifar10 32x32
+    channels: int = 3               # random: channels of the synthetic images
+    num_classes: int = 0            # random: label count (0 = unlabelled)
+    hflip: bool = False             # random horizontal flips
+    holdout: int = 0                # examples kept out of training (evaluation reference)
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "unet"              # unet | mlp
+    preset: Optional[str] = None    # named UNet2DModel configuration (see cmgen.models.unet.PRESETS)
+    block_out_channels: Optional[tuple[int, ...]] = None
+    layers_per_block: Optional[int] = None
+    attention_levels: Optional[tuple[int, ...]] = None  # indices of levels with self-attention
+    attention_head_dim: Optional[int] = None
+    norm_num_groups: Optional[int] = None
+    dropout: float = 0.0
+    class_conditional: bool = False
+    hidden: int = 256               # mlp: width
+    depth: int = 4                  # mlp: hidden layers
+    init_from: Optional[str] = None  # diffusers pipeline folder, UNet folder or hub id
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    seed: int = 0
+    grad_accum: int = 1
+    mixed_precision: str = "no"     # no | bf16 | fp16
+    ema_decay: float = 0.9999
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 10
+    sample_every: int = 0           # 0 = only at the end
+    sample_n: int = 64
+    max_nonfinite: int = 5          # consecutive non-finite losses before the run stops
+    threads: int = 0                # torch intra-op threads; 0 = one per physical core, at most 8
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "radam"             # adam | adamw | radam
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 0.0          # 0 = off
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    sigmas: tuple[float, ...] = (80.0, 0.821)   # two-step schedule; the first entry is sigma_max
+    clip_denoised: bool = True
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 0                  # run an evaluation every N steps (0 = off)
+    n: int = 1000
+    steps: tuple[int, ...] = (1, 2)
+    features: str = "auto"          # auto | inception | clip | digits | points
+    ref: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    method: Any                     # the method's own frozen config (cmgen.methods registry)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    precond: PrecondConfig = field(default_factory=PrecondConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    description: str = ""
+
+
+# ---------------------------------------------------------------------------- typing
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str):
+    """Check `value` against the annotation `tp`; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            if origin is tuple and isinstance(value, (int, float)) and args and args[-1] is Ellipsis:
+                value = [value]
+            else:
+                raise UserError(f"recipe key '{key}' must be a list, got {value!r}")
+        if args and args[-1] is Ellipsis:
+            items = [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        elif args:
+            if len(value) != len(args):
+                raise UserError(f"recipe key '{key}' must have {len(args)} entries, got {len(value)}")
+            items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            items = list(value)
+        return tuple(items) if origin is tuple else items
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"recipe key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"recipe key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"recipe key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"recipe key '{key}' must be a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    return value
+
+
+def _closest(name: str, options) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(sorted(options))}"
+
+
+def build(cls, data, prefix: str = ""):
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    where = prefix or "the recipe"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"recipe section '{where}' must be a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise UserError(f"unknown recipe key '{dotted}'{_closest(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise UserError(f"recipe section '{where}' is incomplete: {exc}") from None
+
+
+# ---------------------------------------------------------------------------- loading
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise UserError(f"override '{dotted}': '{part}' is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(items) -> list[tuple[str, Any]]:
+    out = []
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"override '{item}' must look like key=value, e.g. train.steps=2000")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise UserError(f"recipe file '{path}' does not exist; `cmgen recipes` lists the shipped ones") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise UserError(f"recipe file '{path}' cannot be read ({exc.__class__.__name__}); pass a YAML file") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid syntax"
+        raise UserError(f"recipe file '{path}' is not valid YAML{line}: {problem}") from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise UserError(f"recipe file '{path}' must hold a mapping of sections (name, method, data, ...)")
+    return tree
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    """A path, or the name of a shipped recipe (`ict_digits` or `ict_digits.yaml`)."""
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    for cand in (RECIPE_DIR / name_or_path, RECIPE_DIR / f"{name_or_path}.yaml"):
+        if cand.exists():
+            return cand
+    return p
+
+
+def from_tree(tree: dict, overrides=()) -> Recipe:
+    import copy
+
+    from cmgen.methods import method_config_class
+
+    tree = copy.deepcopy(tree)
+    for key, value in overrides:
+        _set_dotted(tree, key, value)
+    method = tree.get("method")
+    if isinstance(method, str):
+        method = {"name": method}
+    if not isinstance(method, dict) or "name" not in method:
+        raise UserError("recipe key 'method.name' is required (e.g. method: {name: ict})")
+    method = dict(method)
+    mname = method.pop("name")
+    mcls = method_config_class(mname)
+    method_cfg = build(mcls, method, "method")
+    tree.pop("method")
+    tree.setdefault("name", mname)
+    # the rest is typed by Recipe; the method config's class is chosen by method.name
+    hints = typing.get_type_hints(Recipe)
+    names = {f.name for f in fields(Recipe)}
+    kwargs = {}
+    for key, value in tree.items():
+        if key not in names:
+            raise UserError(f"unknown recipe key '{key}'{_closest(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], key)
+    recipe = Recipe(method=method_cfg, **kwargs)
+    validate(recipe)
+    return recipe
+
+
+def load_recipe(path, overrides: list[str] = ()) -> Recipe:
+    """Load a recipe file (or shipped recipe name) and apply `key=value` overrides."""
+    return from_tree(read_yaml(resolve_recipe_path(str(path))), parse_overrides(overrides))
+
+
+def validate(r: Recipe) -> None:
+    """Cross-field checks that types alone cannot express."""
+    def need(cond, msg):
+        if not cond:
+            raise UserError(msg)
+
+    t = r.train
+    need(t.steps >= 1, f"recipe key 'train.steps' must be at least 1, got {t.steps}")
+    need(t.batch_size >= 1, f"recipe key 'train.batch_size' must be at least 1, got {t.batch_size}")
+    need(t.grad_accum >= 1, f"recipe key 'train.grad_accum' must be at least 1, got {t.grad_accum}")
+    need(t.mixed_precision in ("no", "bf16", "fp16"),
+         f"recipe key 'train.mixed_precision' must be no, bf16 or fp16, got '{t.mixed_precision}'")
+    need(0.0 <= t.ema_decay < 1.0, f"recipe key 'train.ema_decay' must be in [0, 1), got {t.ema_decay}")
+    need(t.checkpoint_every >= 1, "recipe key 'train.checkpoint_every' must be at least 1")
+    need(t.keep_last >= 1, "recipe key 'train.keep_last' must be at least 1 (the newest checkpoint is always kept)")
+    need(t.max_nonfinite >= 1, "recipe key 'train.max_nonfinite' must be at least 1")
+    need(r.optim.name in ("adam", "adamw", "radam"),
+         f"recipe key 'optim.name' must be adam, adamw or radam, got '{r.optim.name}'")
+    need(r.optim.lr > 0, f"recipe key 'optim.lr' must be positive, got {r.optim.lr}")
+    need(r.data.name in ("digits", "toy2d", "folder", "cifar10", "random"),
+         f"recipe key 'data.name' must be digits, toy2d, folder, cifar10 or random, got '{r.data.name}'")
+    need(r.data.toy in ("ring", "moons"), f"recipe key 'data.toy' must be ring or moons, got '{r.data.toy}'")
+    need(r.model.arch in ("unet", "mlp"), f"recipe key 'model.arch' must be unet or mlp, got '{r.model.arch}'")
+    need(0.0 <= r.model.dropout < 1.0, "recipe key 'model.dropout' must be in [0, 1)")
+    p = r.precond
+    need(0 < p.sigma_min < p.sigma_max, "recipe keys 'precond.sigma_min' < 'precond.sigma_max' must both be positive")
+    s = r.sample.sigmas
+    need(len(s) >= 1 and all(p.sigma_min < v <= p.sigma_max for v in s) and list(s) == sorted(s, reverse=True),
+         f"recipe key 'sample.sigmas' must be decreasing values in (sigma_min, sigma_max], got {list(s)}")
+
+
+def recipe_to_dict(r: Recipe) -> dict:
+    from cmgen.methods import method_name_of
+
+    d = dataclasses.asdict(r)
+    d["method"] = {"name": method_name_of(r.method), **dataclasses.asdict(r.method)}
+
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    d = plain(d)
+    order = ["name", "description", "method", "data", "model", "precond", "train", "optim", "sample", "eval"]
+    return {k: d[k] for k in order}
+
+
+def dump_recipe(r: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(r), sort_keys=False)
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    out = []
+    for p in sorted(RECIPE_DIR.glob("*.yaml")):
+        try:
+            desc = (yaml.safe_load(p.read_text()) or {}).get("description", "")
+        except yaml.YAMLError:
+            desc = "(invalid YAML)"
+        out.append((p.stem, " ".join(str(desc).split())))
+    return out
