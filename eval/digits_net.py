@@ -1,0 +1,112 @@
+"""A small digits classifier whose penultimate layer is the feature space of FD-digits.
+
+Inception sees nothing useful in 8x8 images, so cmgen trains this network once,
+deterministically (fixed seeds, fixed schedule, full scikit-learn digits set), and caches
+its weights under $CMGEN_CACHE (default ~/.cache/cmgen). Its classifier head also gives the
+digit-class reward. Distances in its space are "FD-digits", never FID.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+VERSION = "digits-cnn-v1"
+FEATURE_DIM = 64
+EPOCHS = 12
+BATCH = 64
+LR = 2e-3
+SEED = 0
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CMGEN_CACHE") or Path.home() / ".cache" / "cmgen")
+
+
+class DigitsNet(nn.Module):
+    """conv(32) -> conv(64, stride 2) -> linear(64) features -> ReLU -> linear(10) logits, on 1x8x8 in [-1, 1]."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+                                   nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                                   nn.Linear(64 * 4 * 4, FEATURE_DIM))
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(FEATURE_DIM, 10))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
+
+
+def train_digits_net(epochs: int = EPOCHS, seed: int = SEED) -> DigitsNet:
+    """Deterministic training: seeded init and shuffling through private generators, no global RNG use."""
+    from cmgen.data import load_digits
+
+    data = load_digits()
+    x, y = data.x, data.labels
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = DigitsNet()
+    opt = torch.optim.Adam(net.parameters(), lr=LR)
+    g = torch.Generator().manual_seed(seed + 1)
+    net.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=g)
+        for start in range(0, len(x), BATCH):
+            idx = order[start:start + BATCH]
+            loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return net.eval()
+
+
+def weights_path() -> Path:
+    return cache_dir() / f"{VERSION}-e{EPOCHS}-s{SEED}.safetensors"
+
+
+def weights_digest(net: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(net.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=4)
+def _load_or_train(path: str) -> DigitsNet:
+    from safetensors.torch import load_file, save_file
+
+    p = Path(path)
+    net = DigitsNet()
+    if p.is_file():
+        net.load_state_dict(load_file(str(p)))
+        return net.eval()
+    net = train_digits_net()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    os.replace(tmp, p)  # atomic: a concurrent reader never sees half a file
+    return net
+
+
+def digits_net() -> DigitsNet:
+    """The cached network (trained on first use, a few seconds on one core)."""
+    return _load_or_train(str(weights_path()))
+
+
+def to_digit_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC 8x8 (1 or 3 channels) -> float N1HW in [-1, 1]; RGB is reduced to luma (ITU-R 601, as PIL 'L')."""
+    x = torch.as_tensor(np.asarray(images), dtype=torch.float32)
+    if x.shape[-1] == 3:
+        x = x @ torch.tensor([0.299, 0.587, 0.114])
+    else:
+        x = x[..., 0]
+    return x[:, None] / 127.5 - 1.0

@@ -1,0 +1,102 @@
+"""The small evaluation the training loop runs every `eval.every` steps.
+
+Each call samples `eval.n` images (seeds 0..n-1, the same every time, so the curve follows
+the model and not the noise) for each step count in `eval.steps`, appends one row to
+`<run>/eval.jsonl`, redraws `<run>/eval.png` and returns the numbers.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from cmgen.errors import UserError
+from cmgen.eval.features import FEATURE_CHOICES, FeatureNet, build_feature_net
+from cmgen.eval.fid import MetricOptions, evaluate_source
+from cmgen.eval.refstats import Reference, accumulate, resolve_reference
+from cmgen.eval.report import primary_key, save_step_curves
+from cmgen.eval.sources import dataset_source, model_source
+
+_NETS: dict = {}
+_REFS: dict = {}
+REPORTED = ("fd", "precision", "recall", "kid", "swd", "mmd2")
+
+
+def check_eval_config(recipe, shape) -> None:
+    """Recipe eval.* checks (worth calling before training starts, so a typo does not stop a run midway)."""
+    e = recipe.eval
+    if e.features not in FEATURE_CHOICES:
+        raise UserError(f"recipe key 'eval.features' must be one of {', '.join(FEATURE_CHOICES)}, got '{e.features}'")
+    if e.n < 2:
+        raise UserError(f"recipe key 'eval.n' must be at least 2, got {e.n}")
+    if not e.steps or any(s < 1 for s in e.steps):
+        raise UserError(f"recipe key 'eval.steps' must be step counts of 1 or more, got {list(e.steps)}")
+
+
+def _feature_net(recipe, shape, device) -> FeatureNet:
+    key = (recipe.eval.features, tuple(shape), str(device))
+    if key not in _NETS:
+        _NETS[key] = build_feature_net(recipe.eval.features, tuple(shape), device=device)
+    return _NETS[key]
+
+
+def _reference(recipe, data, holdout, net: FeatureNet, opts: MetricOptions, out_dir: Path) -> Reference:
+    """eval.ref if set; else fresh true-distribution samples (2-D toys), the held-out split, or the training data."""
+    key = (str(out_dir), net.id, recipe.eval.ref, recipe.eval.n)
+    if key in _REFS:
+        return _REFS[key]
+    if recipe.eval.ref:
+        ref = resolve_reference(recipe.eval.ref, net, n=recipe.eval.n, keep=opts.keep, progress=False)
+    elif data.kind == "points" and recipe.data.name == "toy2d":
+        ref = resolve_reference(recipe.data.toy, net, n=recipe.eval.n, keep=opts.keep, progress=False)
+    else:
+        ds, name = (holdout, "held-out split") if holdout is not None and len(holdout) > 1 else (data, "training data")
+        src = dataset_source(ds.x, f"{ds.name} {name} ({len(ds)})", ds.kind)
+        ref = Reference(accumulate(src, net, opts.keep), {"name": f"{ds.name} {name}", "n": len(ds)})
+    _REFS[key] = ref
+    return ref
+
+
+def _append_row(path: Path, row: dict) -> list[dict]:
+    """Rows of earlier steps are kept; rows at or after this step (from a crashed, resumed run) are replaced."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                old = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(old, dict) and old.get("step", -1) < row["step"]:
+                rows.append(old)
+    rows.append(row)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+    return rows
+
+
+def evaluate_during_training(model, recipe, data, holdout, step: int, out_dir, device="cpu") -> dict:
+    """Returns {'fd_1step': ..., 'precision_1step': ..., ...} and records it in eval.jsonl / eval.png."""
+    out_dir = Path(out_dir)
+    check_eval_config(recipe, data.shape)
+    e = recipe.eval
+    opts = MetricOptions(keep=max(e.n, 2), kid_subsets=50)
+    net = _feature_net(recipe, data.shape, device)
+    ref = _reference(recipe, data, holdout, net, opts, out_dir)
+    from cmgen.sampling import default_sigmas
+
+    numbers = {}
+    for steps in e.steps:
+        sigmas = default_sigmas(recipe, steps)
+        src = model_source(model, recipe, data.shape, data.num_classes, data.kind, sigmas, e.n, seed=0,
+                           device=device, progress=False, name=f"step {step}")
+        metrics = evaluate_source(src, net, ref, opts)
+        numbers |= {f"{k}_{steps}step": metrics[k] for k in REPORTED if metrics.get(k) is not None}
+    row = {"step": int(step), "metric": net.metric, "n": e.n, "reference": ref.description.get("name")} | numbers
+    rows = _append_row(out_dir / "eval.jsonl", row)
+    key = primary_key(net.metric)
+    label = "SWD" if key == "swd" else net.metric
+    save_step_curves(rows, [f"{key}_{s}step" for s in e.steps], out_dir / "eval.png", label,
+                     f"{recipe.name}: {label} vs step (n={e.n}, ref: {row['reference']})")
+    return numbers
+

@@ -1,0 +1,202 @@
+"""Where evaluated samples come from, one batch at a time (never all images in memory).
+
+A source yields uint8 NHWC image batches or float [B, D] point batches: from a model
+(seeded per image through cmgen.sampling.generate), a folder of images, an `.npz` of
+samples (read in chunks straight from the archive), or an in-memory cmgen Dataset.
+"""
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cmgen.errors import UserError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
+
+
+@dataclass
+class Source:
+    name: str                                    # shown in the protocol
+    shape: tuple[int, ...]                       # one sample: (C, H, W) or (D,)
+    kind: str                                    # image | points
+    n: int
+    batches: Callable[[int], Iterator[np.ndarray]]  # channels wanted (1 or 3; ignored for points) -> batches
+
+
+def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
+    from cmgen.plots import to_uint8
+
+    return to_uint8(x)
+
+
+def _as_channels(batch: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 NHWC -> the channel count a feature net wants (luma for grey, replication for RGB)."""
+    c = batch.shape[-1]
+    if channels in (0, c):
+        return batch
+    if channels == 3 and c == 1:
+        return np.repeat(batch, 3, axis=-1)
+    if channels == 1 and c == 3:
+        luma = batch.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        return np.clip(np.round(luma), 0, 255).astype(np.uint8)[..., None]
+    raise UserError(f"images have {c} channels; only 1 (grey) or 3 (RGB) can be evaluated")
+
+
+# ----------------------------------------------------------------------------- models
+
+def model_source(model, recipe, shape: tuple[int, ...], num_classes: int, kind: str, sigmas: Sequence[float], n: int,
+                 *, seed: int = 0, batch_size: int = 256, device="cpu", progress: bool = True,
+                 name: str = "model") -> Source:
+    """Samples of a consistency function over `sigmas`; image j uses seed + j (cmgen.sampling.generate)."""
+    from cmgen.sampling import generate
+
+    ncls = num_classes if recipe.model.class_conditional else 0
+
+    def batches(channels: int) -> Iterator[np.ndarray]:
+        for x, _ in generate(model, n, tuple(shape), sigmas, seed=seed, batch_size=batch_size, num_classes=ncls,
+                             sigma_min=recipe.precond.sigma_min, device=device,
+                             clip_denoised=recipe.sample.clip_denoised and kind == "image", progress=progress,
+                             desc=f"{name}: {len(sigmas)}-step samples"):
+            yield x.numpy().astype(np.float64) if kind == "points" else _as_channels(to_uint8_nhwc(x), channels)
+
+    return Source(f"{name} ({len(sigmas)}-step, sigmas {', '.join(f'{s:g}' for s in sigmas)}, seeds {seed}..)",
+                  tuple(shape), kind, n, batches)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+def dataset_source(x: torch.Tensor, name: str, kind: str, batch_size: int = 256, n: Optional[int] = None) -> Source:
+    """An in-memory cmgen Dataset's tensor (images in [-1, 1], quantised to uint8 like samples are)."""
+    x = x if n is None else x[:n]
+
+    def batches(channels: int) -> Iterator[np.ndarray]:
+        for start in range(0, len(x), batch_size):
+            b = x[start:start + batch_size]
+            yield b.numpy().astype(np.float64) if kind == "points" else _as_channels(to_uint8_nhwc(b), channels)
+
+    return Source(name, tuple(x.shape[1:]), kind, len(x), batches)
+
+
+# ----------------------------------------------------------------------------- folders
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+
+
+def folder_source(folder, batch_size: int = 256, progress: bool = True, n: Optional[int] = None) -> Source:
+    from PIL import Image
+
+    files = image_files(folder)
+    if n is not None:
+        files = files[:n]
+    if not files:
+        raise UserError(f"folder '{folder}' holds no images ({', '.join(sorted(IMAGE_EXTS))}); "
+                        "pass a folder of samples, an .npz or a run")
+    with Image.open(files[0]) as im:
+        first_mode, size = im.mode, im.size
+    channels_found = 1 if first_mode in ("L", "1", "I;16", "I", "F") else 3
+
+    def batches(channels: int) -> Iterator[np.ndarray]:
+        want = channels or channels_found
+        pil_mode = "L" if want == 1 else "RGB"
+        bar = tqdm(total=len(files), desc=f"reading {Path(folder).name}", unit="img", disable=not progress, leave=False)
+        for start in range(0, len(files), batch_size):
+            arrays = []
+            for p in files[start:start + batch_size]:
+                with Image.open(p) as im:
+                    a = np.asarray(im.convert(pil_mode))
+                arrays.append(a[..., None] if a.ndim == 2 else a)
+            if len({a.shape for a in arrays}) > 1:
+                raise UserError(f"images in '{folder}' differ in size; resize them to one size first")
+            bar.update(len(arrays))
+            yield np.stack(arrays)
+        bar.close()
+
+    return Source(f"folder {folder}", (channels_found, size[1], size[0]), "image", len(files), batches)
+
+
+# ----------------------------------------------------------------------------- npz
+
+def _npz_member(zf: zipfile.ZipFile, key: str) -> Optional[str]:
+    return f"{key}.npy" if f"{key}.npy" in zf.namelist() else None
+
+
+def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)
+
+
+def read_npz_array_header(path, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+        shape, fortran, dtype = _npy_header(f)
+    return shape, dtype
+
+
+def iter_npz_array(path, key: str, batch_size: int) -> Iterator[np.ndarray]:
+    """Rows of array `key` of an .npz, `batch_size` at a time, without loading the whole array (no pickle)."""
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+        shape, fortran, dtype = _npy_header(f)
+        if dtype.hasobject:
+            raise UserError(f"array '{key}' in '{path}' holds Python objects; cmgen never unpickles, save plain arrays")
+        if fortran and len(shape) > 1:
+            raise UserError(f"array '{key}' in '{path}' is Fortran-ordered; save it with np.ascontiguousarray")
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        for start in range(0, shape[0], batch_size):
+            count = min(batch_size, shape[0] - start)
+            buf = f.read(row * count)
+            yield np.frombuffer(buf, dtype=dtype).reshape((count, *shape[1:]))
+
+
+def npz_source(path, batch_size: int = 256, n: Optional[int] = None) -> Source:
+    """`cmgen sample` output: 'images' (uint8 NHWC) preferred, else 'samples' (float NCHW in [-1, 1] or [N, D] points)."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            images, samples = _npz_member(zf, "images"), _npz_member(zf, "samples")
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise UserError(f"'{path}' is not a readable .npz ({exc}); pass the output of `cmgen sample --out X.npz`") from None
+    if images:
+        shape, dtype = read_npz_array_header(path, "images")
+        if dtype != np.uint8 or len(shape) != 4:
+            raise UserError(f"'images' in '{path}' must be uint8 NHWC, got {dtype} {shape}")
+        total = shape[0] if n is None else min(n, shape[0])
+
+        def batches(channels: int) -> Iterator[np.ndarray]:
+            seen = 0
+            for b in iter_npz_array(path, "images", batch_size):
+                b = b[: total - seen]
+                seen += len(b)
+                yield _as_channels(b, channels)
+                if seen >= total:
+                    return
+
+        return Source(f"npz {path}", (shape[3], shape[1], shape[2]), "image", total, batches)
+    if samples:
+        shape, dtype = read_npz_array_header(path, "samples")
+        kind = "points" if len(shape) == 2 else "image"
+        if kind == "image" and len(shape) != 4:
+            raise UserError(f"'samples' in '{path}' must be NCHW images or [N, D] points, got shape {shape}")
+        total = shape[0] if n is None else min(n, shape[0])
+
+        def batches(channels: int) -> Iterator[np.ndarray]:
+            seen = 0
+            for b in iter_npz_array(path, "samples", batch_size):
+                b = b[: total - seen]
+                seen += len(b)
+                if kind == "points":
+                    yield b.astype(np.float64)
+                else:
+                    yield _as_channels(to_uint8_nhwc(torch.from_numpy(np.array(b))), channels)
+                if seen >= total:
+                    return
+
+        return Source(f"npz {path}", tuple(shape[1:]), kind, total, batches)
+    raise UserError(f"'{path}' has neither 'images' nor 'samples'; pass the output of `cmgen sample --out X.npz`")
