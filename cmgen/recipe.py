@@ -44,6 +44,7 @@ class ModelConfig:
     attention_levels: Optional[tuple[int, ...]] = None  # indices of levels with self-attention
     attention_head_dim: Optional[int] = None
     norm_num_groups: Optional[int] = None
+    norm: str = "group"             # group | nsln (every GroupNorm -> NsLN, latent_ct.md)
     dropout: float = 0.0
     class_conditional: bool = False
     hidden: int = 256               # mlp: width
@@ -306,6 +307,7 @@ def validate(r: Recipe) -> None:
          f"recipe key 'data.name' must be digits, toy2d, folder, cifar10 or random, got '{r.data.name}'")
     need(r.data.toy in ("ring", "moons"), f"recipe key 'data.toy' must be ring or moons, got '{r.data.toy}'")
     need(r.model.arch in ("unet", "mlp"), f"recipe key 'model.arch' must be unet or mlp, got '{r.model.arch}'")
+    need(r.model.norm in ("group", "nsln"), f"recipe key 'model.norm' must be group or nsln, got '{r.model.norm}'")
     need(0.0 <= r.model.dropout < 1.0, "recipe key 'model.dropout' must be in [0, 1)")
     p = r.precond
     need(0 < p.sigma_min < p.sigma_max, "recipe keys 'precond.sigma_min' < 'precond.sigma_max' must both be positive")

@@ -21,7 +21,10 @@ def build_backbone(recipe, shape: tuple[int, ...], num_classes: int):
     if len(shape) != 3:
         from cmgen.errors import UserError
         raise UserError(f"recipe key 'model.arch' is unet but the data are points of shape {shape}; use mlp")
-    return UNetBackbone(UNet2DModel(**unet_kwargs(m, shape[0], shape[1], num_classes)))
+    unet_class = UNet2DModel
+    if m.norm == "nsln":
+        from cmgen.models.nsln import NsLNUNet2DModel as unet_class
+    return UNetBackbone(unet_class(**unet_kwargs(m, shape[0], shape[1], num_classes)))
 
 
 def build_denoiser(recipe, shape, num_classes: int) -> ConsistencyDenoiser:
