@@ -175,7 +175,7 @@ def _write_sidecar_files(folder: Path, lm, pipe, grid: Optional[KarrasGrid], ema
         (folder / "pipeline.py").write_text(
             f'"""Loads cmgen\'s pipeline class (pip install cmgen)."""\n'
             f"from {type(pipe).__module__} import {type(pipe).__name__}  # noqa: F401\n")
-    (folder / "README.md").write_text(model_card(lm, info, grid, folder))
+    (folder / "README.md").write_text(model_card(lm, info, grid))
 
 
 def _assert_no_pickles(folder: Path) -> None:
@@ -358,7 +358,8 @@ def _plain(value):
 
 
 def _check_same_network(theirs: dict, unet, where: str) -> None:
-    ours_class, their_class = type(unet).__name__, theirs.get("_class_name", ours_class)
+    ours_class = type(unet).__name__
+    their_class = theirs.get("_class_name", ours_class)
     if their_class != ours_class:
         hint = "set model.norm=nsln" if their_class == "NsLNUNet2DModel" else "set model.norm=group"
         raise UserError(f"{where} holds a {their_class} but the recipe builds a {ours_class}; {hint}")
@@ -399,7 +400,7 @@ def _read_safetensors(folder: Path, where: str) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- model card
 
-def model_card(lm, info: dict, grid: Optional[KarrasGrid], folder: Path) -> str:
+def model_card(lm, info: dict, grid: Optional[KarrasGrid]) -> str:
     """README.md: what the model is, how to load it, its noise levels, metrics and recipe."""
     from cmgen.recipe import dump_recipe
 
@@ -413,7 +414,7 @@ def model_card(lm, info: dict, grid: Optional[KarrasGrid], folder: Path) -> str:
         f"Method `{type(r.method).__module__.rsplit('.', 1)[-1]}`, data `{r.data.name}` of shape "
         f"{info['data_shape']}, {info['num_classes']} classes"
         f"{' (class-conditional)' if r.model.class_conditional else ''}, images in [-1, 1].\n",
-        "## Use\n\n```python\n" + _usage(info, grid, sigmas) + "```\n",
+        "## Use\n\nPATH is this folder (or the hub id it was uploaded to).\n\n```python\n" + _usage(info, grid, sigmas, r.model.class_conditional) + "```\n",
         _sigma_section(p, sigmas, grid, r.sample.clip_denoised),
         _metrics_section(lm.source, info["step"]),
         "## Recipe\n\n```yaml\n" + dump_recipe(r) + "```\n",
@@ -421,23 +422,25 @@ def model_card(lm, info: dict, grid: Optional[KarrasGrid], folder: Path) -> str:
     return "\n".join(x for x in parts if x)
 
 
-def _usage(info: dict, grid: Optional[KarrasGrid], sigmas: list) -> str:
-    gens = "[torch.Generator().manual_seed(j) for j in range(16)]  # image j = cmgen sample --seed 0, image j"
+def _usage(info: dict, grid: Optional[KarrasGrid], sigmas: list, class_conditional: bool) -> str:
+    args = "batch_size=16, generator=gens"
+    if class_conditional:
+        args += f", class_labels=torch.arange(16) % {info['num_classes']}"
+    head = ("import torch\n"
+            "gens = [torch.Generator().manual_seed(j) for j in range(16)]  # image j = `cmgen sample --seed 0` image j\n")
     if grid is not None:
-        two = (f"images = pipe(batch_size=16, timesteps={[*grid.indices[:1], 0]}, generator=gens).images  "
+        two = (f"images = pipe({args}, num_inference_steps=None, timesteps={[*grid.indices[:1], 0]}).images  "
                f"# 2 steps: sigma {sigmas[0]:g} -> {sigmas[1]:g}\n" if grid.indices else "")
-        return ("import torch\nfrom diffusers import DiffusionPipeline\n\n"
-                'pipe = DiffusionPipeline.from_pretrained("PATH")  # works offline, diffusers only\n'
-                f"gens = {gens}\n"
-                "images = pipe(batch_size=16, num_inference_steps=1, generator=gens).images  # 1 step\n" + two)
+        return (head + "from diffusers import DiffusionPipeline\n\n"
+                'pipe = DiffusionPipeline.from_pretrained("PATH")  # diffusers alone, works offline\n'
+                f"images = pipe({args}, num_inference_steps=1).images  # 1 step\n" + two)
     name = info["pipeline_class"]
-    return (f"import torch\nfrom cmgen.pipelines import {name}\n\n"
+    return (head + f"from cmgen.pipelines import {name}\n\n"
             f'pipe = {name}.from_pretrained("PATH")\n'
-            '# or, with diffusers (cmgen installed): DiffusionPipeline.from_pretrained("PATH", '
+            '# or with diffusers (cmgen installed): DiffusionPipeline.from_pretrained("PATH", '
             'custom_pipeline="PATH", trust_remote_code=True)\n'
-            f"gens = {gens}\n"
-            "images = pipe(batch_size=16, num_inference_steps=1, generator=gens).images  # 1 step\n"
-            f"images = pipe(batch_size=16, num_inference_steps=2, generator=gens).images  # sigmas {sigmas}\n")
+            f"images = pipe({args}, num_inference_steps=1).images  # 1 step\n"
+            f"images = pipe({args}, num_inference_steps=2).images  # sigmas {', '.join(f'{s:g}' for s in sigmas[:2])}\n")
 
 
 def _sigma_section(p: PrecondConfig, sigmas: list, grid: Optional[KarrasGrid], clip: bool) -> str:
