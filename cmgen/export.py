@@ -154,7 +154,7 @@ def _build_pipeline(unet, recipe):
     pipeline_class = pipeline_class_for(unet)
     if pipeline_class is None:
         raise UserError(f"no cmgen pipeline class is registered for the network {type(unet).__name__}; "
-                        "register one with cmgen.pipelines.register_pipeline")
+                        "add it to cmgen.pipelines.PIPELINES")
     sched = CMGenScheduler(sigma_min=p.sigma_min, sigma_max=p.sigma_max, sigma_data=p.sigma_data, rho=p.rho,
                            sample_sigmas=list(s.sigmas), clip_denoised=s.clip_denoised)
     return pipeline_class(unet=unet, scheduler=sched), None

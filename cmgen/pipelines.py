@@ -11,8 +11,8 @@ noise levels. Load an exported folder offline with
 or, through diffusers alone (cmgen must be installed):
 `DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)`.
 
-Later methods add their own pipeline classes here and register the network class they
-export with `register_pipeline`, so `cmgen export` picks them automatically.
+Later methods add their pipeline classes here and one entry per network class to `PIPELINES`,
+so `cmgen export` picks them automatically.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  looked up by name when loading
 
+from cmgen.models.nsln import NsLNUNet2DModel
 from cmgen.precond import ConsistencyDenoiser, PrecondConfig
 
 Generators = Union[torch.Generator, list[torch.Generator], None]
@@ -116,17 +117,15 @@ class CMGenPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=image) if return_dict else (image,)
 
 
-# network class -> the cmgen pipeline class that samples it (looked up along the class's MRO)
-_PIPELINES: dict[type, type] = {UNet2DModel: CMGenPipeline}
-
-
-def register_pipeline(network_class: type, pipeline_class: type) -> None:
-    """Make `cmgen export` use `pipeline_class` for networks of `network_class` (or subclasses)."""
-    _PIPELINES[network_class] = pipeline_class
+# The registry: network class -> the cmgen pipeline class that samples it (looked up along the
+# class's MRO). A new exportable network adds one entry here. Its module is thereby imported with
+# cmgen.pipelines, which diffusers 0.42 requires: it loads components only from modules already
+# imported, so `CMGenPipeline.from_pretrained` in a fresh process relies on these imports.
+PIPELINES: dict[type, type] = {UNet2DModel: CMGenPipeline, NsLNUNet2DModel: CMGenPipeline}
 
 
 def pipeline_class_for(network: torch.nn.Module) -> Optional[type]:
     for cls in type(network).__mro__:
-        if cls in _PIPELINES:
-            return _PIPELINES[cls]
+        if cls in PIPELINES:
+            return PIPELINES[cls]
     return None

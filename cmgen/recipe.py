@@ -28,8 +28,8 @@ class DataConfig:
     toy: str = "ring"               # toy2d: ring | moons
     n_points: int = 20000           # toy2d: size of the fixed training set
     resolution: Optional[int] = None  # folder/random: side length; digits are 8x8, cifar10 32x32
-    channels: int = 3               # random: channels of the synthetic images
-    num_classes: int = 0            # random: label count (0 = unlabelled)
+    channels: int = 3               # random/folder: image channels (used by --smoke without the data)
+    num_classes: int = 0            # random/folder: label count (used by --smoke without the data)
     hflip: bool = False             # random horizontal flips
     holdout: int = 0                # examples kept out of training (evaluation reference)
     num_workers: int = 0
@@ -140,6 +140,11 @@ def _coerce(value, tp, key: str):
             items = list(value)
         return tuple(items) if origin is tuple else items
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"recipe key '{key}' must be a number, got {value!r}")
         return float(value)
@@ -160,9 +165,12 @@ def _coerce(value, tp, key: str):
     return value
 
 
-def _closest(name: str, options) -> str:
+def _closest(name: str, options, prefix: str = "") -> str:
+    dot = f"{prefix}." if prefix else ""
     match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(sorted(options))}"
+    if match:
+        return f"; did you mean '{dot}{match[0]}'?"
+    return f"; valid keys: {', '.join(dot + o for o in sorted(options))}"
 
 
 def build(cls, data, prefix: str = ""):
@@ -178,7 +186,7 @@ def build(cls, data, prefix: str = ""):
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            raise UserError(f"unknown recipe key '{dotted}'{_closest(str(key), names)}")
+            raise UserError(f"unknown recipe key '{dotted}'{_closest(str(key), names, prefix)}")
         kwargs[key] = _coerce(value, hints[key], dotted)
     try:
         return cls(**kwargs)

@@ -165,7 +165,7 @@ def shape_of(cfg) -> tuple[tuple[int, ...], int, str]:
         return (2,), (8 if cfg.toy == "ring" else 2), "points"
     if cfg.name == "cifar10":
         return (3, 32, 32), 10, "image"
-    if cfg.name == "random":
+    if cfg.name == "random" or (cfg.name == "folder" and cfg.resolution):
         return (cfg.channels, cfg.resolution or 32, cfg.resolution or 32), cfg.num_classes, "image"
     ds, _ = load_dataset(cfg)
     return ds.shape, ds.num_classes, ds.kind

@@ -1,0 +1,34 @@
+"""Test settings: offline, deterministic thread count, small shared fixtures."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("CMGEN_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "cmgen"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Two cores: one intra-op thread per core, set once, so tests never oversubscribe.
+torch.set_num_threads(int(os.environ.get("CMGEN_TEST_THREADS", "2")))
+
+TINY_UNET = ["model.block_out_channels=[16,32]", "model.norm_num_groups=8", "model.attention_head_dim=8"]
+
+
+@pytest.fixture
+def tiny_digits_overrides():
+    """ict_digits shrunk to seconds: a 16/32-channel UNet, small batches, frequent checkpoints."""
+    return TINY_UNET + ["train.batch_size=8", "train.sample_n=4", "train.log_every=1", "train.checkpoint_every=4",
+                        "train.sample_every=0"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A 4-step ict_digits run with a tiny UNet, shared by tests that only read it."""
+    from cmgen.recipe import load_recipe
+    from cmgen.train import train
+
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    recipe = load_recipe("ict_digits", TINY_UNET + ["train.steps=4", "train.batch_size=8", "train.sample_n=4",
+                                                    "train.checkpoint_every=4"])
+    return train(recipe, out, progress=False)

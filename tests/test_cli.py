@@ -1,0 +1,136 @@
+"""The CLI: every bad input is one line on stderr and exit code 2; the happy paths write files."""
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+
+from cmgen.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _bad_yaml(tmp):
+    p = tmp / "bad.yaml"
+    p.write_text("name: x\nmethod: {name: ict\ntrain:\n  steps: 3\n")
+    return p
+
+
+def _truncated_ckpt(tmp, run):
+    dst = tmp / "trunc"
+    shutil.copytree(run, dst)
+    ckpt = sorted((dst / "checkpoints").iterdir())[-1]
+    data = (ckpt / "ema.safetensors").read_bytes()
+    (ckpt / "ema.safetensors").write_bytes(data[: len(data) // 2])
+    return dst
+
+
+def _foreign_ckpt(tmp, run):
+    dst = tmp / "foreign"
+    shutil.copytree(run, dst)
+    ckpt = sorted((dst / "checkpoints").iterdir())[-1]
+    (ckpt / "ema.safetensors").write_bytes(b"PK\x03\x04 this is a zip file, not safetensors" * 10)
+    return dst
+
+
+def _reshaped_ckpt(tmp, run):
+    dst = tmp / "reshaped"
+    shutil.copytree(run, dst)
+    ckpt = sorted((dst / "checkpoints").iterdir())[-1]
+    tree = yaml.safe_load((ckpt / "recipe.yaml").read_text())
+    tree["model"]["block_out_channels"] = [24, 48]
+    (ckpt / "recipe.yaml").write_text(yaml.safe_dump(tree))
+    return dst
+
+
+# (case id, argv builder(tmp, run) -> argv, words the one-line message must contain)
+BAD_INPUTS = [
+    ("unknown recipe key", lambda t, r: ["train", "ict_digits", "train.stpes=3", "--out", t / "o"],
+     ["train.stpes", "did you mean 'train.steps'"]),
+    ("mistyped recipe value", lambda t, r: ["train", "ict_digits", "train.steps=many", "--out", t / "o"],
+     ["train.steps", "integer"]),
+    ("malformed yaml", lambda t, r: ["train", _bad_yaml(t), "--out", t / "o"], ["not valid YAML", "line"]),
+    ("missing recipe file", lambda t, r: ["train", t / "nope.yaml"], ["does not exist", "cmgen recipes"]),
+    ("missing data folder", lambda t, r: ["train", "ict_digits", "data.name=folder", f"data.path={t / 'no_images'}",
+                                          "--out", t / "o"], ["data.path", "does not exist"]),
+    ("unknown method", lambda t, r: ["train", "ict_digits", "method.name=ictt", "--out", t / "o"],
+     ["method.name", "did you mean 'ict'"]),
+    ("unknown checkpoint", lambda t, r: ["sample", t / "no_run", "--out", t / "s.png"], ["does not exist"]),
+    ("folder without checkpoints", lambda t, r: ["sample", t, "--out", t / "s.png"], ["no complete cmgen checkpoint"]),
+    ("truncated checkpoint", lambda t, r: ["sample", _truncated_ckpt(t, r), "--out", t / "s.png"],
+     ["not a valid safetensors file", "truncated"]),
+    ("foreign checkpoint", lambda t, r: ["sample", _foreign_ckpt(t, r), "--out", t / "s.png"],
+     ["not a valid safetensors file"]),
+    ("checkpoint shapes do not fit the recipe", lambda t, r: ["sample", _reshaped_ckpt(t, r), "--out", t / "s.png"],
+     ["do not fit the recipe", "shape"]),
+    ("resume with a different model", lambda t, r: ["train", "ict_digits", "model.block_out_channels=[24,48]",
+                                                    "--resume", r, "--out", t / "o"],
+     ["model.block_out_channels", "checkpoint"]),
+    ("steps zero", lambda t, r: ["sample", r, "--steps", "0", "--out", t / "s.png"], ["--steps"]),
+    ("bad sigmas", lambda t, r: ["sample", r, "--sigmas", "0.5,80", "--out", t / "s.png"], ["--sigmas", "decreasing"]),
+    ("unwritable sample output", lambda t, r: ["sample", r, "--out", "/proc/cmgen/s.png"], ["cannot be written"]),
+    ("unwritable run folder", lambda t, r: ["train", "ict_digits", "train.steps=1", "--out", "/proc/cmgen-run"],
+     ["cannot be written", "--out"]),
+    ("existing run without --resume", lambda t, r: ["train", "ict_digits", "--out", r], ["--resume auto"]),
+]
+
+
+@pytest.mark.parametrize("case,argv,words", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, tiny_run, capsys, case, argv, words):
+    code, out, err = run_cli(capsys, *argv(tmp_path, tiny_run))
+    assert code == 2, (case, out, err)
+    lines = [l for l in err.splitlines() if l.strip() and not l.lstrip().startswith(("warnings.warn", "UserWarning"))]
+    msg = [l for l in lines if l.startswith("cmgen: error:")]
+    assert len(msg) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in msg[0], (w, msg[0])
+
+
+def test_debug_flag_shows_the_traceback(tmp_path, capsys):
+    from cmgen.errors import UserError
+
+    with pytest.raises(UserError):
+        main(["--debug", "train", "ict_digits", "train.stpes=3", "--out", str(tmp_path / "o")])
+
+
+def test_sample_writes_png_and_npz(tmp_path, tiny_run, capsys):
+    code, out, _ = run_cli(capsys, "sample", tiny_run, "--steps", "2", "--n", "5", "--seed", "3",
+                           "--out", tmp_path / "s", "--no-progress")
+    assert code == 0
+    data = np.load(tmp_path / "s.npz", allow_pickle=False)
+    assert data["images"].shape == (5, 8, 8, 1) and data["images"].dtype == np.uint8
+    assert data["samples"].shape == (5, 1, 8, 8) and data["samples"].dtype == np.float32
+    assert np.allclose(data["sigmas"], [80.0, 0.821])
+    assert (tmp_path / "s.png").stat().st_size > 0
+    # EMA by default; --no-ema gives the raw weights (different after training)
+    run_cli(capsys, "sample", tiny_run, "--steps", "1", "--n", "3", "--out", tmp_path / "ema.npz", "--no-progress")
+    run_cli(capsys, "sample", tiny_run, "--steps", "1", "--n", "3", "--out", tmp_path / "raw.npz", "--no-ema",
+            "--no-progress")
+    assert not np.allclose(np.load(tmp_path / "ema.npz")["samples"], np.load(tmp_path / "raw.npz")["samples"])
+
+
+def test_sample_with_explicit_sigmas(tmp_path, tiny_run, capsys):
+    code, out, _ = run_cli(capsys, "sample", tiny_run, "--sigmas", "80,2.0,0.5", "--n", "2",
+                           "--out", tmp_path / "s.npz", "--no-progress")
+    assert code == 0 and "3 step(s)" in out
+    assert np.allclose(np.load(tmp_path / "s.npz")["sigmas"], [80, 2.0, 0.5])
+
+
+def test_recipes_lists_every_shipped_recipe(capsys):
+    code, out, _ = run_cli(capsys, "recipes")
+    assert code == 0
+    names = [l.split()[0] for l in out.splitlines()]
+    for r in ("ict_digits", "ict_toy2d", "ict_cifar10", "ict_imagenet64"):
+        assert r in names
+    assert all(len(l.split()) > 3 for l in out.splitlines())  # each has a description
+
+
+def test_dry_run_prints_the_resolved_recipe_with_overrides(capsys):
+    code, out, _ = run_cli(capsys, "train", "ict_digits", "train.steps=2000", "optim.lr=2e-4", "--dry-run")
+    assert code == 0
+    tree = yaml.safe_load(out)
+    assert tree["train"]["steps"] == 2000 and tree["optim"]["lr"] == 2e-4 and tree["method"]["name"] == "ict"

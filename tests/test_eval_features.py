@@ -1,0 +1,182 @@
+"""Feature nets: Inception through clean-fid from a local file (tested with a TorchScript stand-in),
+the cached digits network, CLIP's loading path, and --features auto."""
+import os
+import sys
+import types
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from cmgen.errors import UserError
+from cmgen.eval import features as F
+from cmgen.eval.standin import save_standin_inception
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def cmgen_cache(tmp_path_factory):
+    old = os.environ.get("CMGEN_CACHE")
+    os.environ["CMGEN_CACHE"] = str(tmp_path_factory.getbasetemp() / "cmgen-cache")
+    yield
+    if old is None:
+        os.environ.pop("CMGEN_CACHE", None)
+    else:
+        os.environ["CMGEN_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory):
+    return save_standin_inception(tmp_path_factory.mktemp("inception"))
+
+
+@pytest.fixture(scope="module")
+def two_folders(tmp_path_factory):
+    """Two folders of 12 RGB 24x24 PNGs with different content."""
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    dirs = []
+    for k in range(2):
+        d = tmp_path_factory.mktemp(f"imgs{k}")
+        base = np.linspace(0, 255, 24)[None, :, None] * (1 if k == 0 else 0.5)
+        for i in range(12):
+            im = np.clip(base + g.normal(0, 20 + 30 * k, (24, 24, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(im).save(d / f"{i:03d}.png")
+        dirs.append(d)
+    return dirs
+
+
+def test_missing_inception_names_file_url_and_both_ways_to_point_at_it(monkeypatch, tmp_path):
+    monkeypatch.delenv("CMGEN_INCEPTION", raising=False)
+    monkeypatch.setenv("CMGEN_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(F, "CLEANFID_DIR", tmp_path / "no-cleanfid")
+    with pytest.raises(UserError) as err:
+        F.build_feature_net("inception", (3, 32, 32))
+    msg = str(err.value)
+    for needed in ("inception-2015-12-05.pt", F.INCEPTION_URL, "--inception", "CMGEN_INCEPTION",
+                   str(tmp_path / "empty-cache")):
+        assert needed in msg
+    assert "\n" not in msg
+
+
+def test_missing_file_given_explicitly_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="--inception"):
+        F.build_feature_net("inception", (3, 32, 32), inception=str(tmp_path / "nope.pt"))
+
+
+def test_inception_found_through_the_environment_and_flagged_as_unpublished(monkeypatch, standin):
+    monkeypatch.setenv("CMGEN_INCEPTION", str(standin))
+    net = F.build_feature_net("auto", (3, 16, 16))
+    assert net.kind == "inception" and net.metric == "FID"
+    assert "not the published one" in net.protocol["warning"]
+    feats = net.embed(np.zeros((2, 16, 16, 3), np.uint8))
+    assert feats.shape == (2, 2048) and feats.dtype == np.float64
+
+
+def test_inception_file_under_another_name_is_linked(tmp_path, standin):
+    other = tmp_path / "my-inception.pt"
+    other.write_bytes(standin.read_bytes())
+    net = F.build_feature_net("inception", (3, 16, 16), inception=str(other))
+    ref = F.build_feature_net("inception", (3, 16, 16), inception=str(standin))
+    x = np.random.default_rng(1).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(net.embed(x), ref.embed(x))
+
+
+@pytest.mark.parametrize("mode", ["clean", "legacy_tensorflow"])
+def test_features_equal_cleanfid_folder_features(mode, standin, two_folders):
+    """Same images, same network: cmgen's streamed features and FD equal clean-fid's own pipeline."""
+    from cleanfid import fid as cfid
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    from cmgen.eval.frechet import fd_between
+    from cmgen.eval.refstats import accumulate
+    from cmgen.eval.sources import folder_source
+
+    net = F.build_feature_net("inception", (3, 24, 24), mode=mode, inception=str(standin))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = InceptionV3W(str(standin.parent), download=False, resize_inside=mode == "legacy_tensorflow").eval()
+        theirs = [cfid.get_folder_features(str(d), model, num_workers=0, batch_size=5, device=torch.device("cpu"),
+                                           mode=mode, verbose=False) for d in two_folders]
+        their_fd = cfid.compute_fid(str(two_folders[0]), str(two_folders[1]), mode=mode, num_workers=0, batch_size=5,
+                                    device=torch.device("cpu"), custom_feat_extractor=model, verbose=False)
+    stats = [accumulate(folder_source(d, batch_size=7, progress=False), net) for d in two_folders]
+    np.testing.assert_allclose(stats[0].kept, theirs[0], rtol=1e-5, atol=1e-6)
+    assert fd_between(*stats) == pytest.approx(float(their_fd), rel=1e-6)
+
+
+def test_auto_detection():
+    assert F.detect_features((1, 8, 8)) == "digits"
+    assert F.detect_features((2,)) == "points"
+    assert F.detect_features((3, 32, 32)) == "inception"
+    assert F.detect_features((1, 28, 28)) == "inception"
+    with pytest.raises(UserError, match="--features"):
+        F.detect_features((5,))
+    with pytest.raises(UserError, match="--features"):
+        F.build_feature_net("vgg", (3, 32, 32))
+    with pytest.raises(UserError, match="--mode"):
+        F.build_feature_net("digits", (1, 8, 8), mode="legacy_tensorflow")
+
+
+def test_digits_training_is_deterministic():
+    from cmgen.eval.digits_net import train_digits_net, weights_digest
+
+    assert weights_digest(train_digits_net(epochs=1)) == weights_digest(train_digits_net(epochs=1))
+    assert weights_digest(train_digits_net(epochs=1)) != weights_digest(train_digits_net(epochs=1, seed=1))
+
+
+def test_digits_net_is_cached_and_accurate(monkeypatch):
+    from cmgen.data import load_digits
+    from cmgen.eval import digits_net as dn
+
+    net = F.build_feature_net("digits", (1, 8, 8))
+    assert dn.weights_path().is_file()
+    assert net.metric == "FD-digits" and "FID" not in net.metric
+    # a fresh process must load the cached file, not retrain
+    dn._load_or_train.cache_clear()
+    monkeypatch.setattr(dn, "train_digits_net", lambda *a, **k: pytest.fail("retrained despite the cache"))
+    again = F.build_feature_net("digits", (1, 8, 8))
+    assert again.protocol["weights_sha256"] == net.protocol["weights_sha256"]
+    d = load_digits()
+    with torch.no_grad():
+        acc = (dn.digits_net()(d.x).argmax(1) == d.labels).float().mean().item()
+    assert acc > 0.95
+
+
+def test_clip_needs_a_local_file_and_the_package(monkeypatch, tmp_path):
+    monkeypatch.delenv("CMGEN_CLIP", raising=False)
+    with pytest.raises(UserError, match="--clip"):
+        F.build_feature_net("clip", (3, 32, 32))
+    weights = tmp_path / "ViT-B-32.pt"
+    weights.write_bytes(b"stand-in")
+    monkeypatch.setitem(sys.modules, "clip", None)  # not installed
+    with pytest.raises(UserError, match="clip-anytorch"):
+        F.build_feature_net("clip", (3, 32, 32), clip=str(weights))
+
+
+def test_clip_features_through_the_clip_package_interface(monkeypatch, tmp_path):
+    weights = tmp_path / "ViT-B-32.pt"
+    weights.write_bytes(b"stand-in")
+    loaded = {}
+
+    class TinyClip(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(3, 6)
+
+        def encode_image(self, x):
+            assert x.shape[1:] == (3, 224, 224)
+            return self.proj(x.mean((2, 3)))
+
+    def load(name, device="cpu", jit=True):
+        loaded.update(name=name, jit=jit)
+        return TinyClip(), None
+
+    monkeypatch.setitem(sys.modules, "clip", types.SimpleNamespace(load=load))
+    net = F.build_feature_net("clip", (3, 32, 32), clip=str(weights))
+    feats = net.embed(np.full((2, 32, 32, 3), 128, np.uint8))
+    assert loaded == {"name": str(weights), "jit": False}  # the local file, never a model name to download
+    assert feats.shape == (2, 6) and net.metric == "FD-CLIP"
