@@ -27,6 +27,7 @@ INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
 INCEPTION_MODES = ("clean", "legacy_tensorflow")
+CLEANFID_DIR = Path("/tmp")   # where clean-fid itself keeps the Inception file
 CLIP_FILE = "ViT-B-32.pt"
 CLIP_URL = ("https://openaipublic.azureedge.net/clip/models/"
             "40d3657159ea1a5da32cfb5d1063cfa6f5b8e1e9a6e51b2e40e3b1ab7f09e8ac/ViT-B-32.pt")
@@ -133,7 +134,7 @@ def find_inception(explicit: Optional[str] = None) -> Path:
             raise UserError(f"{flag} points at '{given}', which holds no file '{INCEPTION_FILE}'; "
                             f"download it from {INCEPTION_URL} and pass its path")
         return p
-    for cand in (cache_dir() / INCEPTION_FILE, Path("/tmp") / INCEPTION_FILE):
+    for cand in (cache_dir() / INCEPTION_FILE, CLEANFID_DIR / INCEPTION_FILE):
         if cand.is_file():
             return cand
     raise UserError(f"--features inception needs the TorchScript weight file '{INCEPTION_FILE}' (download it "
