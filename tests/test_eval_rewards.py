@@ -1,0 +1,117 @@
+"""Rewards: JPEG (RLCM definition), brightness, the digits classifier, the aesthetic predictor's loading path."""
+import io
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from cmgen.errors import UserError
+from cmgen.eval.rewards import REWARDS, build_reward, jpeg_kilobytes, linear_stack_from_state
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def cmgen_cache(tmp_path_factory):
+    old = os.environ.get("CMGEN_CACHE")
+    os.environ["CMGEN_CACHE"] = str(tmp_path_factory.getbasetemp() / "cmgen-cache")
+    yield
+    if old is None:
+        os.environ.pop("CMGEN_CACHE", None)
+    else:
+        os.environ["CMGEN_CACHE"] = old
+
+
+def _images():
+    g = np.random.default_rng(0)
+    flat = np.full((2, 32, 32, 3), 120, np.uint8)
+    noisy = g.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    return flat, noisy
+
+
+def test_jpeg_size_is_pil_quality_95_in_kilobytes():
+    from PIL import Image
+
+    _, noisy = _images()
+    buf = io.BytesIO()
+    Image.fromarray(noisy[0]).save(buf, format="JPEG", quality=95)
+    assert jpeg_kilobytes(noisy[:1])[0] == pytest.approx(len(buf.getvalue()) / 1000)
+
+
+def test_compressibility_prefers_flat_images_and_is_minus_incompressibility():
+    flat, noisy = _images()
+    comp, incomp = build_reward("jpeg-compressibility"), build_reward("jpeg_incompressibility")
+    assert comp.fn(flat).min() > comp.fn(noisy).max()
+    np.testing.assert_allclose(comp.fn(noisy), -incomp.fn(noisy))
+    assert (incomp.fn(noisy) > 0).all()
+
+
+def test_brightness():
+    r = build_reward("brightness")
+    np.testing.assert_allclose(r.fn(np.zeros((1, 4, 4, 1), np.uint8)), [0.0])
+    np.testing.assert_allclose(r.fn(np.full((1, 4, 4, 3), 255, np.uint8)), [1.0])
+
+
+def test_digit_class_reward_follows_the_true_class():
+    from cmgen.data import load_digits
+    from cmgen.plots import to_uint8
+
+    d = load_digits()
+    threes, sevens = to_uint8(d.x[d.labels == 3][:20]), to_uint8(d.x[d.labels == 7][:20])
+    r3 = build_reward("digit-class", target_class=3)
+    assert r3.fn(threes).mean() > 0.9 and r3.fn(sevens).mean() < 0.1
+    top = build_reward("digit-class").fn(threes)
+    assert ((top >= r3.fn(threes) - 1e-12) & (top <= 1)).all()
+    with pytest.raises(UserError, match="--target-class"):
+        build_reward("digit-class", target_class=12)
+
+
+def test_unknown_reward_names_the_valid_ones():
+    with pytest.raises(UserError) as err:
+        build_reward("prettiness")
+    for name in REWARDS:
+        assert name in str(err.value)
+
+
+def test_aesthetic_without_weights_is_one_clear_sentence(monkeypatch):
+    monkeypatch.delenv("CMGEN_AESTHETIC", raising=False)
+    with pytest.raises(UserError) as err:
+        build_reward("aesthetic")
+    assert "--aesthetic" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_aesthetic_head_on_clip_embeddings(monkeypatch, tmp_path):
+    # LAION's head: Linear layers at indices 0, 2, 4, 6, 7 (dropouts between), no activations
+    g = torch.Generator().manual_seed(0)
+    dims = [(6, 5), (5, 4), (4, 3), (3, 2), (2, 1)]
+    state = {}
+    for idx, (i, o) in zip((0, 2, 4, 6, 7), dims):
+        state[f"layers.{idx}.weight"] = torch.randn(o, i, generator=g)
+        state[f"layers.{idx}.bias"] = torch.randn(o, generator=g)
+    head_file = tmp_path / "head.pth"
+    torch.save(state, head_file)
+    clip_file = tmp_path / "ViT-L-14.pt"
+    clip_file.write_bytes(b"stand-in")
+    proj = torch.nn.Linear(3, 6)
+
+    class TinyClip(torch.nn.Module):
+        def encode_image(self, x):
+            return proj(x.mean((2, 3)))
+
+    monkeypatch.setitem(sys.modules, "clip", types.SimpleNamespace(load=lambda *a, **k: (TinyClip(), None)))
+    r = build_reward("aesthetic", aesthetic=str(head_file), clip=str(clip_file))
+    flat, noisy = _images()
+    got = r.fn(noisy)
+    from cmgen.eval.features import clip_preprocess
+
+    with torch.no_grad():
+        e = proj(clip_preprocess(noisy).mean((2, 3))).double()
+    e = e / e.norm(dim=-1, keepdim=True)
+    for idx in (0, 2, 4, 6, 7):
+        e = e @ state[f"layers.{idx}.weight"].double().T + state[f"layers.{idx}.bias"].double()
+    np.testing.assert_allclose(got, e[:, 0].numpy(), rtol=1e-6)
+    deep = {"net.10.weight": torch.zeros(1, 3), "net.2.weight": torch.zeros(3, 7)}
+    assert [w.shape[1] for w, _ in linear_stack_from_state(deep)] == [7, 3]  # numeric order: 2 before 10
