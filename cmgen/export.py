@@ -357,13 +357,22 @@ def _plain(value):
     return json.loads(json.dumps(value))  # tuples -> lists, as in a saved config
 
 
+def _effective_config(cfg: dict) -> dict:
+    """Resolve the one default UNet2DModel decides itself, so equal networks compare equal."""
+    if cfg.get("attn_norm_num_groups") is None and "norm_num_groups" in cfg:
+        # None = the mid-block attention normalises with norm_num_groups, but only for "default" time shift
+        scale_shift = cfg.get("resnet_time_scale_shift", "default") != "default"
+        cfg = {**cfg, "attn_norm_num_groups": None if scale_shift else cfg["norm_num_groups"]}
+    return cfg
+
+
 def _check_same_network(theirs: dict, unet, where: str) -> None:
     ours_class = type(unet).__name__
     their_class = theirs.get("_class_name", ours_class)
     if their_class != ours_class:
         hint = "set model.norm=nsln" if their_class == "NsLNUNet2DModel" else "set model.norm=group"
         raise UserError(f"{where} holds a {their_class} but the recipe builds a {ours_class}; {hint}")
-    ours = dict(unet.config)
+    ours, theirs = _effective_config(dict(unet.config)), _effective_config(theirs)
     for key, value in theirs.items():
         if key in _FREE_CONFIG_KEYS or key not in ours:
             continue

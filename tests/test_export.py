@@ -331,3 +331,27 @@ def test_export_refuses_non_empty_target_pipelines_and_point_models(run, exporte
     assert cli(["export", str(toy), "--to", str(tmp_path / "toy_pipe")]) == 2
     assert "only image models with model.arch=unet can be exported" in capsys.readouterr().err
     assert not (tmp_path / "toy_pipe").exists()
+
+
+# unet/config.json of openai/diffusers-ct_imagenet64 (diffusers' convert_consistency_to_diffusers.py)
+PUBLISHED_CT_IMAGENET64 = {
+    "_class_name": "UNet2DModel", "sample_size": 64, "in_channels": 3, "out_channels": 3, "layers_per_block": 3,
+    "num_class_embeds": 1000, "block_out_channels": [192, 384, 576, 768], "attention_head_dim": 64,
+    "down_block_types": ["ResnetDownsampleBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"],
+    "resnet_time_scale_shift": "scale_shift", "attn_norm_num_groups": 32, "upsample_type": "resnet",
+    "downsample_type": "resnet",
+}
+
+
+@pytest.mark.xfail(strict=True, raises=UserError,
+                   reason="cmgen/models/unet.py's adm_imagenet64 preset lacks downsample_type='resnet', "
+                          "upsample_type='resnet' and attn_norm_num_groups=32")
+def test_ict_imagenet64_recipe_fits_the_published_ct_imagenet64_unet():
+    from cmgen.export import _check_same_network
+    from cmgen.models import build_denoiser
+    from cmgen.recipe import load_recipe
+
+    with torch.device("meta"):  # the 300M-parameter ADM, built without memory
+        model = build_denoiser(load_recipe("ict_imagenet64"), (3, 64, 64), 1000)
+    _check_same_network(PUBLISHED_CT_IMAGENET64, model.backbone.unet, "model.init_from")
