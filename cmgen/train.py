@@ -295,11 +295,11 @@ class Trainer:
             with ctx:
                 terms = self.method.loss(self.model, x, y, self.step, rng)
                 loss = terms["loss"]
+                bad = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
+                if bad and bad_term is None:  # name the specific term, not just the total
+                    bad_term = next((k for k in bad if k != "loss"), bad[0])
                 for k, v in terms.items():
-                    v = v.detach().float()
-                    if bad_term is None and not torch.isfinite(v).all():
-                        bad_term = k
-                    sums[k] = sums.get(k, 0.0) + v / t.grad_accum
+                    sums[k] = sums.get(k, 0.0) + v.detach().float() / t.grad_accum
                 if bad_term is None:
                     acc.backward(loss / t.grad_accum)
         keys = sorted(sums)
@@ -313,10 +313,10 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite += 1
             name = bad_term or "a loss term on another process"
-            warnings.warn(f"step {self.step}: non-finite '{name}' loss; step skipped "
+            warnings.warn(f"step {self.step}: loss term '{name}' is not finite; step skipped "
                           f"({self.nonfinite} in a row, the run stops at {t.max_nonfinite})", stacklevel=2)
             if self.nonfinite >= t.max_nonfinite:
-                raise NonFiniteLoss(f"{self.nonfinite} non-finite losses in a row (last: '{name}' at step {self.step}); "
+                raise NonFiniteLoss(f"{self.nonfinite} non-finite losses in a row (last: term '{name}' at step {self.step}); "
                                     "lower optim.lr or use bf16 instead of fp16; the last good checkpoint is intact")
             self.step += 1
             return None
@@ -398,7 +398,8 @@ class Trainer:
                 self.pending, self.pending_n = {}, 0
             if r.eval.every and (step % r.eval.every == 0 or step == t.steps):
                 self._in_loop_eval()
-            if step % t.checkpoint_every == 0 or step == t.steps:
+            # no checkpoint inside a streak of skipped steps: the last good one stays the newest
+            if (step % t.checkpoint_every == 0 or step == t.steps) and self.nonfinite == 0:
                 self.save()
             if self.is_main and ((t.sample_every and step % t.sample_every == 0) or step == t.steps):
                 self.write_previews()
