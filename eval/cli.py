@@ -100,6 +100,7 @@ def compute_table(args, default_steps: str):
     from cmgen.eval.fid import DEFAULT_N, evaluate_model_steps, evaluate_samples
     from cmgen.eval.refstats import default_ref_for, resolve_reference
 
+    steps = parse_steps(args.steps or default_steps)  # checked before any loading
     device = _setup(args)
     kind, obj = open_target(args.target, args, device)
     shape = obj.shape
@@ -107,7 +108,6 @@ def compute_table(args, default_steps: str):
     opts = _metric_options(args)
     if kind == "model":
         n = args.n or DEFAULT_N[net.kind]
-        steps = parse_steps(args.steps or default_steps)
         ref_name = args.ref or default_ref_for(obj.recipe)
         ref = resolve_reference(ref_name, net, n=n, keep=opts.keep, batch_size=args.batch_size,
                                 progress=not args.no_progress)

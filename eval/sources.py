@@ -152,7 +152,7 @@ def iter_npz_array(path, key: str, batch_size: int) -> Iterator[np.ndarray]:
         for start in range(0, shape[0], batch_size):
             count = min(batch_size, shape[0] - start)
             buf = f.read(row * count)
-            yield np.frombuffer(buf, dtype=dtype).reshape((count, *shape[1:]))
+            yield np.frombuffer(bytearray(buf), dtype=dtype).reshape((count, *shape[1:]))  # writable for torch
 
 
 def npz_source(path, batch_size: int = 256, n: Optional[int] = None) -> Source:

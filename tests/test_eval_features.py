@@ -1,6 +1,5 @@
 """Feature nets: Inception through clean-fid from a local file (tested with a TorchScript stand-in),
 the cached digits network, CLIP's loading path, and --features auto."""
-import os
 import sys
 import types
 import warnings
@@ -13,18 +12,14 @@ from cmgen.errors import UserError
 from cmgen.eval import features as F
 from cmgen.eval.standin import save_standin_inception
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(autouse=True, scope="module")
-def cmgen_cache(tmp_path_factory):
-    old = os.environ.get("CMGEN_CACHE")
-    os.environ["CMGEN_CACHE"] = str(tmp_path_factory.getbasetemp() / "cmgen-cache")
+def one_thread():
+    """One torch thread here (the other core is busy), restored afterwards for the rest of the suite."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
-    if old is None:
-        os.environ.pop("CMGEN_CACHE", None)
-    else:
-        os.environ["CMGEN_CACHE"] = old
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

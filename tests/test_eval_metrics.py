@@ -6,7 +6,14 @@ import torch
 from cmgen.eval.metrics import (kernel_inception_distance, knn_radii, mean_confidence_interval, mmd2_rbf,
                                 mmd2_unbiased_poly, precision_recall, sliced_wasserstein)
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread here (the other core is busy), restored afterwards for the rest of the suite."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def _brute_precision_recall(real, fake, k):

@@ -1,6 +1,5 @@
 """Rewards: JPEG (RLCM definition), brightness, the digits classifier, the aesthetic predictor's loading path."""
 import io
-import os
 import sys
 import types
 
@@ -11,18 +10,14 @@ import torch
 from cmgen.errors import UserError
 from cmgen.eval.rewards import REWARDS, build_reward, jpeg_kilobytes, linear_stack_from_state
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(autouse=True, scope="module")
-def cmgen_cache(tmp_path_factory):
-    old = os.environ.get("CMGEN_CACHE")
-    os.environ["CMGEN_CACHE"] = str(tmp_path_factory.getbasetemp() / "cmgen-cache")
+def one_thread():
+    """One torch thread here (the other core is busy), restored afterwards for the rest of the suite."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
-    if old is None:
-        os.environ.pop("CMGEN_CACHE", None)
-    else:
-        os.environ["CMGEN_CACHE"] = old
+    torch.set_num_threads(old)
 
 
 def _images():

@@ -1,6 +1,5 @@
 """Sanity ordering of FD-digits on the digits set: held-out real is close, more noise or blur is farther,
 pure noise is far; precision drops as images degrade."""
-import os
 
 import numpy as np
 import pytest
@@ -12,18 +11,14 @@ from cmgen.eval.metrics import precision_recall
 from cmgen.eval.refstats import accumulate
 from cmgen.eval.sources import dataset_source
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(autouse=True, scope="module")
-def cmgen_cache(tmp_path_factory):
-    old = os.environ.get("CMGEN_CACHE")
-    os.environ["CMGEN_CACHE"] = str(tmp_path_factory.getbasetemp() / "cmgen-cache")
+def one_thread():
+    """One torch thread here (the other core is busy), restored afterwards for the rest of the suite."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
-    if old is None:
-        os.environ.pop("CMGEN_CACHE", None)
-    else:
-        os.environ["CMGEN_CACHE"] = old
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

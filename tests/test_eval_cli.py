@@ -1,0 +1,154 @@
+"""`cmgen eval fid | sweep | ref-stats | reward` end to end on tiny runs (digits and 2-D points)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cmgen.cli import main as cli
+
+FAST = ["--threads", "1", "--no-progress", "--device", "cpu", "--batch-size", "32"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread here (the other core is busy), restored afterwards for the rest of the suite."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    from cmgen.recipe import load_recipe
+    from cmgen.train import train
+
+    recipe = load_recipe("ict_digits", ["train.steps=4", "train.batch_size=8", "model.block_out_channels=[16,32]",
+                                        "model.norm_num_groups=8", "model.attention_head_dim=8", "train.sample_n=4",
+                                        "train.checkpoint_every=4"])
+    return train(recipe, out_dir=tmp_path_factory.mktemp("eval-cli") / "digits", progress=False)
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    from cmgen.recipe import load_recipe
+    from cmgen.train import train
+
+    recipe = load_recipe("ict_toy2d", ["train.steps=4", "train.batch_size=16", "model.hidden=16", "model.depth=1",
+                                       "train.sample_n=16", "train.checkpoint_every=4"])
+    return train(recipe, out_dir=tmp_path_factory.mktemp("eval-cli") / "toy", progress=False)
+
+
+def _json(out_dir, prefix):
+    files = sorted(out_dir.glob(f"{prefix}*.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())
+
+
+def test_fid_of_a_run_writes_table_json_and_markdown(digits_run, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert cli(["eval", "fid", str(digits_run), "--n", "64", "--steps", "1,2", "--out", str(out)] + FAST) == 0
+    printed = capsys.readouterr().out
+    table = _json(out, "fid_")
+    assert table["metric"] == "FD-digits" and "FID" not in printed.split("\n")[0]
+    assert [r["steps"] for r in table["rows"]] == [1, 2] and [r["nfe"] for r in table["rows"]] == [1, 2]
+    for r in table["rows"]:
+        assert r["fd"] > 0 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["kid"] is not None
+    p = table["protocol"]
+    assert p["n"] == 64 and p["reference"]["name"] == "digits" and p["features"].startswith("digits-cnn")
+    md = next(out.glob("fid_*.md")).read_text()
+    assert "| steps | NFE | FD-digits | precision | recall |" in md and "reference: digits" in md
+
+
+def test_npz_from_cmgen_sample_gives_the_runs_number(digits_run, tmp_path):
+    """The same seeds through `cmgen sample` then eval of the .npz equal eval of the run: one pipeline."""
+    npz = tmp_path / "s.npz"
+    assert cli(["sample", str(digits_run), "--steps", "1", "--n", "48", "--out", str(npz), "--no-progress",
+                "--threads", "1", "--device", "cpu"]) == 0
+    assert cli(["eval", "fid", str(npz), "--ref", "digits", "--out", str(tmp_path / "a")] + FAST) == 0
+    assert cli(["eval", "fid", str(digits_run), "--steps", "1", "--n", "48", "--out", str(tmp_path / "b")] + FAST) == 0
+    a, b = _json(tmp_path / "a", "fid_")["rows"][0], _json(tmp_path / "b", "fid_")["rows"][0]
+    assert a["steps"] is None and a["n"] == 48
+    assert a["fd"] == pytest.approx(b["fd"], rel=1e-9)
+    assert (a["precision"], a["recall"]) == (b["precision"], b["recall"])
+
+
+def test_ref_stats_file_gives_the_same_fd_as_the_named_reference(digits_run, tmp_path, capsys):
+    stats = tmp_path / "digits.npz"
+    assert cli(["eval", "ref-stats", "digits", "--out", str(stats)] + FAST) == 0
+    assert "n=1797" in capsys.readouterr().out
+    with np.load(stats, allow_pickle=False) as z:
+        assert z["mu"].shape == (64,) and int(z["n"]) == 1797
+    for name, ref in (("named", "digits"), ("file", str(stats))):
+        assert cli(["eval", "fid", str(digits_run), "--steps", "1", "--n", "32", "--ref", ref,
+                    "--out", str(tmp_path / name)] + FAST) == 0
+    named, from_file = _json(tmp_path / "named", "fid_"), _json(tmp_path / "file", "fid_")
+    assert named["rows"][0]["fd"] == pytest.approx(from_file["rows"][0]["fd"], rel=1e-9)
+
+
+def test_folder_of_images_can_be_evaluated(digits_run, tmp_path):
+    from PIL import Image
+
+    from cmgen.data import load_digits
+    from cmgen.plots import to_uint8
+
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, im in enumerate(to_uint8(load_digits().x[:40])):
+        Image.fromarray(im[..., 0]).save(folder / f"{i:03d}.png")
+    assert cli(["eval", "fid", str(folder), "--ref", "digits", "--out", str(tmp_path / "o")] + FAST) == 0
+    row = _json(tmp_path / "o", "fid_")["rows"][0]
+    assert row["n"] == 40 and row["precision"] > 0.8  # real digits lie on the real manifold
+
+
+def test_sweep_writes_a_plot(digits_run, tmp_path):
+    out = tmp_path / "sweep"
+    assert cli(["eval", "sweep", str(digits_run), "--n", "32", "--steps", "1,2,4", "--out", str(out)] + FAST) == 0
+    table = _json(out, "sweep_")
+    assert [r["nfe"] for r in table["rows"]] == [1, 2, 4]
+    png = next(out.glob("sweep_*.png"))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_points_run_reports_swd_and_mmd_against_fresh_true_samples(toy_run, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert cli(["eval", "fid", str(toy_run), "--n", "300", "--steps", "1", "--out", str(out)] + FAST) == 0
+    table = _json(out, "fid_")
+    assert table["metric"] == "FD-points"
+    row = table["rows"][0]
+    assert row["swd"] > 0 and row["mmd2"] is not None and row["fd"] > 0
+    assert "fresh samples" in table["protocol"]["reference"]["source"]
+    assert "SWD" in capsys.readouterr().out
+
+
+def test_reward_with_a_base_reports_interval_and_shift(digits_run, tmp_path):
+    out = tmp_path / "r"
+    assert cli(["eval", "reward", str(digits_run), "--reward", "jpeg-compressibility", "--n", "40",
+                "--base", str(digits_run), "--no-ema", "--out", str(out)] + FAST) == 0
+    report = json.loads((out / "reward-jpeg-compressibility.json").read_text())
+    tuned, base = report["rows"]
+    assert tuned["ci95_low"] < tuned["mean"] < tuned["ci95_high"] and tuned["mean"] < 0  # -kB
+    assert tuned["delta_vs_base"] == pytest.approx(0.0, abs=1e-12)  # the same model twice
+    assert tuned["fd_to_base"] == pytest.approx(0.0, abs=1e-6) and tuned["fd_metric"] == "FD-digits"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["eval", "reward", "RUN", "--reward", "prettiness"], "valid rewards"),
+    (["eval", "fid", "RUN", "--features", "inception", "--n", "4"], "CMGEN_INCEPTION"),
+    (["eval", "fid", "RUN", "--steps", "0"], "--steps"),
+    (["eval", "fid", "RUN", "--ref", "imagenet"], "--ref"),
+    (["eval", "fid", "NPZ"], "--ref is required"),
+])
+def test_user_errors_exit_2_with_one_line(argv, needle, digits_run, tmp_path, capsys, monkeypatch):
+    from cmgen.eval import features
+
+    monkeypatch.delenv("CMGEN_INCEPTION", raising=False)
+    monkeypatch.setattr(features, "cache_dir", lambda: tmp_path / "cache")  # no Inception file anywhere
+    monkeypatch.setattr(features, "CLEANFID_DIR", tmp_path / "none")
+    npz = tmp_path / "x.npz"
+    np.savez(npz, images=np.zeros((2, 8, 8, 1), np.uint8))
+    argv = [str(digits_run) if a == "RUN" else str(npz) if a == "NPZ" else a for a in argv]
+    assert cli(argv + FAST) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
