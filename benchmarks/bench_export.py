@@ -116,7 +116,7 @@ def steps_kwargs(result, steps: int) -> dict:
         return {"num_inference_steps": steps}
     if steps == 1:
         return {"num_inference_steps": 1}
-    return {"num_inference_steps": None, "timesteps": [result.grid.indices[0], 0]}
+    return {"num_inference_steps": None, "timesteps": result.grid.two_step_timesteps}
 
 
 if __name__ == "__main__":

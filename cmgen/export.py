@@ -30,7 +30,6 @@ import torch
 from cmgen.errors import UserError
 from cmgen.precond import ConsistencyDenoiser, PrecondConfig, c_noise
 
-STOCK_PIPELINE = "ConsistencyModelPipeline"
 RECIPE_FILE = "cmgen_recipe.yaml"     # the run's resolved recipe, stored beside the pipeline
 EXPORT_FILE = "cmgen_export.json"     # step, data shape, classes and the 2-step grid index
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -43,8 +42,12 @@ HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 @dataclass(frozen=True)
 class KarrasGrid:
     num_train_timesteps: int
-    indices: tuple[int, ...]      # grid index (from sigma_max) of each sigma after the first
-    exact: bool                   # every sigma hits its grid point bit-exactly (sigma and timestep)
+    mid_index: Optional[int]      # grid index (counted from sigma_max) of the 2-step sigma; None for 1 step
+    exact: bool                   # that grid point is the 2-step sigma bit-exactly (sigma and timestep)
+
+    @property
+    def two_step_timesteps(self) -> list[int]:
+        return [self.mid_index, 0]
 
 
 def _cmgen_timestep(sigma: float) -> np.float32:
@@ -52,38 +55,31 @@ def _cmgen_timestep(sigma: float) -> np.float32:
 
 
 def karras_grid_for(sigmas, p: PrecondConfig, max_points: int = 400_000) -> KarrasGrid:
-    """The smallest CMStochasticIterativeScheduler grid holding every sigma of `sigmas[1:]`."""
+    """The smallest CMStochasticIterativeScheduler grid holding the 2-step sigma `sigmas[1]` exactly."""
     from diffusers import CMStochasticIterativeScheduler
 
-    mids = [float(s) for s in sigmas[1:]]
-    if not mids:
-        return KarrasGrid(40, (), True)  # one step needs no grid point: keep diffusers' default
+    if len(sigmas) < 2:
+        return KarrasGrid(40, None, True)  # one step needs no grid point: keep diffusers' default size
+    mid = float(sigmas[1])
     sched = CMStochasticIterativeScheduler(num_train_timesteps=2, sigma_min=p.sigma_min, sigma_max=p.sigma_max,
                                            rho=p.rho)
-    n = np.arange(len(mids) + 2, max_points + 1, dtype=np.int64)
-    hits, nearest = np.ones(len(n), dtype=bool), []
-    for mid in mids:
-        hit, index = _grid_hits(sched, mid, n, p)
-        hits &= hit
-        nearest.append(index)
-    k = int(np.argmax(hits)) if hits.any() else int(np.argmax(_grid_hits(sched, mids[0], n, p)[0]))
-    return KarrasGrid(int(n[k]), tuple(int(ix[k]) for ix in nearest), bool(hits.any()))
-
-
-def _grid_hits(sched, mid: float, n: np.ndarray, p: PrecondConfig) -> tuple[np.ndarray, np.ndarray]:
-    """For each grid size n: whether some index reproduces `mid` exactly, and the nearest index."""
+    n = np.arange(3, max_points + 1, dtype=np.int64)
     lo, hi = p.sigma_min ** (1 / p.rho), p.sigma_max ** (1 / p.rho)
-    u = (hi - mid ** (1 / p.rho)) / (hi - lo)
+    u = (hi - mid ** (1 / p.rho)) / (hi - lo)  # position of mid between sigma_max (0) and sigma_min (1)
     want_sigma, want_t = np.float32(mid), _cmgen_timestep(mid)
-    hit, best = np.zeros(len(n), dtype=bool), np.rint(u * (n - 1)).astype(np.int64)
-    for offset in (0, 1):
+    found = []
+    for offset in (0, 1):  # the grid points just above and just below mid, for every size n
         i = np.floor(u * (n - 1)).astype(np.int64) + offset
         sigma = sched._convert_to_karras(i / (n - 1))  # the scheduler's own arithmetic, as in set_timesteps
-        ok = (sigma.astype(np.float32) == want_sigma) & (sched.sigma_to_t(sigma).astype(np.float32) == want_t)
-        ok &= (i > 0) & (i < n - 1)
-        best = np.where(ok & ~hit, i, best)
-        hit |= ok
-    return hit, best
+        hit = (sigma.astype(np.float32) == want_sigma) & (sched.sigma_to_t(sigma).astype(np.float32) == want_t)
+        hit &= (i > 0) & (i < n - 1)
+        if hit.any():
+            k = int(np.argmax(hit))
+            found.append((int(n[k]), int(i[k])))
+    if not found:  # not seen for any sigma_mid tried; fall back to the nearest point of a fine grid
+        return KarrasGrid(max_points, int(round(u * (max_points - 1))), False)
+    size, index = min(found)
+    return KarrasGrid(size, index, True)
 
 
 # ----------------------------------------------------------------------------- export
@@ -107,6 +103,7 @@ def export_model(source, out_dir, ema: bool = True) -> ExportResult:
     lm = load_model(source, ema=ema)
     unet = _exportable_network(lm)
     pipe, grid = _build_pipeline(unet, lm.recipe)
+    _make_parent(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -115,7 +112,9 @@ def export_model(source, out_dir, ema: bool = True) -> ExportResult:
         _assert_no_pickles(tmp)
         if out.exists():
             out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
+        os.replace(tmp, out)  # the folder appears complete or not at all
+    except OSError as exc:
+        raise UserError(f"--to '{out}' cannot be written ({exc.strerror or exc}); choose another folder") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(out, type(pipe).__name__, grid is not None, grid)
@@ -124,6 +123,9 @@ def export_model(source, out_dir, ema: bool = True) -> ExportResult:
 def _check_target(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--to '{out}' exists and is not an empty folder; pass a new or empty folder")
+
+
+def _make_parent(out: Path) -> None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -166,9 +168,9 @@ def _write_sidecar_files(folder: Path, lm, pipe, grid: Optional[KarrasGrid], ema
     info = {"step": lm.step, "weights": "ema" if ema else "raw", "source": str(lm.source),
             "data_shape": list(lm.shape), "num_classes": lm.num_classes, "data_kind": lm.kind,
             "pipeline_class": type(pipe).__name__}
-    if grid is not None:
+    if grid is not None and grid.mid_index is not None:
         info["scheduler_grid"] = {"num_train_timesteps": grid.num_train_timesteps,
-                                  "two_step_timesteps": [*grid.indices[:1], 0], "exact": grid.exact}
+                                  "two_step_timesteps": grid.two_step_timesteps, "exact": grid.exact}
     (folder / RECIPE_FILE).write_text(dump_recipe(lm.recipe))
     (folder / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
     if grid is None:  # lets DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder) find the class
@@ -217,7 +219,11 @@ def _load_network(cls, folder: Path, where: str):
         found = f" (it has {', '.join(sorted(has))})" if has else ""
         raise UserError(f"'{folder}' has no safetensors weights{found}; cmgen never unpickles, so convert "
                         f"'{where}' with diffusers' save_pretrained(safe_serialization=True)")
-    return cls.from_pretrained(folder, use_safetensors=True)
+    try:
+        return cls.from_pretrained(folder, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as exc:  # corrupt or mismatched files
+        raise UserError(f"diffusers could not load '{folder}' ({str(exc).splitlines()[0][:100]}); export or "
+                        "download it again") from None
 
 
 def read_pipeline_parts(path) -> tuple[dict, object, dict]:
@@ -244,8 +250,9 @@ def load_pipeline_model(path, device="cpu"):
 
     folder = Path(path)
     _, unet, sched = read_pipeline_parts(folder)
-    precond = PrecondConfig(sigma_min=float(sched.get("sigma_min", 0.002)), sigma_max=float(sched.get("sigma_max", 80.0)),
-                            sigma_data=float(sched.get("sigma_data", 0.5)), rho=float(sched.get("rho", 7.0)))
+    defaults = PrecondConfig()
+    precond = PrecondConfig(**{k: float(sched.get(k, getattr(defaults, k)))
+                               for k in ("sigma_min", "sigma_max", "sigma_data", "rho")})
     model = ConsistencyDenoiser(UNetBackbone(unet), precond).to(device).eval()
     cfg = unet.config
     size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
@@ -259,29 +266,28 @@ def load_pipeline_model(path, device="cpu"):
     return LoadedModel(model, recipe, shape, num_classes, info.get("data_kind", "image"), info.get("step"), folder)
 
 
-def default_two_step_sigma(sched: dict) -> float:
-    """The second sigma of the pipeline's own `num_inference_steps=2` call."""
+def foreign_sample_sigmas(sched: dict, p: PrecondConfig) -> list[float]:
+    """sigma_max, then the second sigma of the pipeline's own `num_inference_steps=2` call."""
     from diffusers import CMStochasticIterativeScheduler
 
     if sched.get("_class_name") == "CMGenScheduler":
-        return float(sched["sample_sigmas"][1])
+        return [float(s) for s in sched.get("sample_sigmas") or [p.sigma_max]]
+    if sched.get("num_train_timesteps", 40) < 3:
+        return [p.sigma_max]
     scheduler = CMStochasticIterativeScheduler.from_config(sched)
     scheduler.set_timesteps(2)
-    return float(scheduler.sigmas[1])
+    mid = float(scheduler.sigmas[1])
+    return [p.sigma_max, mid] if p.sigma_min < mid < p.sigma_max else [p.sigma_max]
 
 
 def foreign_recipe(folder: Path, unet, sched: dict, precond: PrecondConfig, shape, num_classes: int):
-    """A recipe describing a pipeline cmgen did not export: its noise levels and 1/2-step schedule
-    (the 2-step sigma of the pipeline's own num_inference_steps=2); the UNet config stays authoritative."""
+    """A recipe describing a pipeline cmgen did not export: its noise levels and 1/2-step schedule;
+    the model section is descriptive, the UNet config stays authoritative."""
     from cmgen.models.nsln import NsLNUNet2DModel
     from cmgen.recipe import from_tree
 
     cfg = unet.config
     attn = [i for i, t in enumerate(cfg.down_block_types) if "Attn" in t]
-    two = [precond.sigma_max]
-    if sched.get("num_train_timesteps", 3) > 2 or sched.get("sample_sigmas"):
-        mid = default_two_step_sigma(sched)
-        two += [mid] if precond.sigma_min < mid < precond.sigma_max else []
     tree = {
         "name": folder.resolve().name, "method": {"name": "ict"},
         "description": f"synthesised by cmgen from the diffusers pipeline {folder} (its UNet config is authoritative)",
@@ -293,7 +299,8 @@ def foreign_recipe(folder: Path, unet, sched: dict, precond: PrecondConfig, shap
                   "class_conditional": bool(cfg.num_class_embeds)},
         "precond": {"sigma_min": precond.sigma_min, "sigma_max": precond.sigma_max,
                     "sigma_data": precond.sigma_data, "rho": precond.rho},
-        "sample": {"sigmas": two, "clip_denoised": bool(sched.get("clip_denoised", True))},
+        "sample": {"sigmas": foreign_sample_sigmas(sched, precond),
+                   "clip_denoised": bool(sched.get("clip_denoised", True))},
     }
     return from_tree(tree)
 
@@ -423,7 +430,8 @@ def model_card(lm, info: dict, grid: Optional[KarrasGrid]) -> str:
         f"Method `{type(r.method).__module__.rsplit('.', 1)[-1]}`, data `{r.data.name}` of shape "
         f"{info['data_shape']}, {info['num_classes']} classes"
         f"{' (class-conditional)' if r.model.class_conditional else ''}, images in [-1, 1].\n",
-        "## Use\n\nPATH is this folder (or the hub id it was uploaded to).\n\n```python\n" + _usage(info, grid, sigmas, r.model.class_conditional) + "```\n",
+        "## Use\n\nPATH is this folder (or the hub id it was uploaded to).\n\n```python\n"
+        + _usage(info, grid, sigmas, r.model.class_conditional) + "```\n",
         _sigma_section(p, sigmas, grid, r.sample.clip_denoised),
         _metrics_section(lm.source, info["step"]),
         "## Recipe\n\n```yaml\n" + dump_recipe(r) + "```\n",
@@ -436,20 +444,20 @@ def _usage(info: dict, grid: Optional[KarrasGrid], sigmas: list, class_condition
     if class_conditional:
         args += f", class_labels=torch.arange(16) % {info['num_classes']}"
     head = ("import torch\n"
-            "gens = [torch.Generator().manual_seed(j) for j in range(16)]  # image j = `cmgen sample --seed 0` image j\n")
+            "gens = [torch.Generator().manual_seed(j) for j in range(16)]  # = `cmgen sample --seed 0`\n")
     if grid is not None:
-        two = (f"images = pipe({args}, num_inference_steps=None, timesteps={[*grid.indices[:1], 0]}).images  "
-               f"# 2 steps: sigma {sigmas[0]:g} -> {sigmas[1]:g}\n" if grid.indices else "")
+        two = (f"images = pipe({args}, num_inference_steps=None, timesteps={grid.two_step_timesteps}).images  "
+               f"# 2 steps: sigma {sigmas[0]:g} -> {sigmas[1]:g}\n" if grid.mid_index is not None else "")
         return (head + "from diffusers import DiffusionPipeline\n\n"
                 'pipe = DiffusionPipeline.from_pretrained("PATH")  # diffusers alone, works offline\n'
                 f"images = pipe({args}, num_inference_steps=1).images  # 1 step\n" + two)
-    name = info["pipeline_class"]
+    name, shown = info["pipeline_class"], ", ".join(f"{s:g}" for s in sigmas[:2])
     return (head + f"from cmgen.pipelines import {name}\n\n"
             f'pipe = {name}.from_pretrained("PATH")\n'
             '# or with diffusers (cmgen installed): DiffusionPipeline.from_pretrained("PATH", '
             'custom_pipeline="PATH", trust_remote_code=True)\n'
             f"images = pipe({args}, num_inference_steps=1).images  # 1 step\n"
-            f"images = pipe({args}, num_inference_steps=2).images  # sigmas {', '.join(f'{s:g}' for s in sigmas[:2])}\n")
+            f"images = pipe({args}, num_inference_steps=2).images  # sigmas {shown}\n")
 
 
 def _sigma_section(p: PrecondConfig, sigmas: list, grid: Optional[KarrasGrid], clip: bool) -> str:
@@ -457,13 +465,13 @@ def _sigma_section(p: PrecondConfig, sigmas: list, grid: Optional[KarrasGrid], c
             f"{p.sigma_data:g}, rho {p.rho:g}; c_noise = 250 ln(sigma); estimates clipped to [-1, 1]: "
             f"{'yes' if clip else 'no'}. Sampling sigmas: {', '.join(f'{s:g}' for s in sigmas)} "
             f"(`cmgen sample PATH --steps N` uses the first N).\n")
-    if grid is None or not grid.indices:
+    if grid is None or grid.mid_index is None:
         return text
     exact = ("exactly (float32 sigma and timestep)" if grid.exact else
-             "only approximately (no grid up to 400k points holds them all)")
+             "only approximately (no grid up to 400k points holds it)")
     return text + (f"\nThe scheduler's Karras grid has num_train_timesteps={grid.num_train_timesteps}: the smallest "
-                   f"grid on which index {grid.indices[0]} (counted from sigma_max) is sigma {sigmas[1]:g} "
-                   f"{exact}, so `timesteps=[{grid.indices[0]}, 0]` reproduces cmgen's 2-step sampling.\n")
+                   f"grid on which index {grid.mid_index} (counted from sigma_max) is sigma {sigmas[1]:g} "
+                   f"{exact}, so `timesteps={grid.two_step_timesteps}` reproduces cmgen's 2-step sampling.\n")
 
 
 def _metrics_section(source: Path, step) -> str:

@@ -7,7 +7,8 @@ EPILOG = ("Plain UNet2DModel backbones become a stock ConsistencyModelPipeline (
 
 def add_parser(subparsers) -> None:
     e = subparsers.add_parser("export", help="write a run or checkpoint as a diffusers pipeline folder", epilog=EPILOG)
-    e.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run folder (newest checkpoint) or checkpoints/step-N folder")
+    e.add_argument("run", metavar="RUN_OR_CHECKPOINT",
+                   help="run folder (its newest checkpoint) or checkpoints/step-N folder")
     e.add_argument("--to", required=True, metavar="DIR", help="new or empty output folder")
     e.add_argument("--no-ema", action="store_true", help="export the raw training weights instead of the EMA")
     e.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -23,8 +24,8 @@ def cmd_export(args) -> int:
           f"{result.pipeline_class} -> {result.folder}")
     if result.stock:
         print(f"  load:   DiffusionPipeline.from_pretrained('{result.folder}')")
-        if result.grid.indices:
-            print(f"  2-step: pipe(timesteps=[{result.grid.indices[0]}, 0], ...)  "
+        if result.grid.mid_index is not None:
+            print(f"  2-step: pipe(num_inference_steps=None, timesteps={result.grid.two_step_timesteps}, ...)  "
                   f"(grid of {result.grid.num_train_timesteps}, {'exact' if result.grid.exact else 'approximate'})")
     else:
         print(f"  load:   from cmgen.pipelines import {result.pipeline_class}; "

@@ -95,7 +95,7 @@ def test_karras_grid_holds_sigma_mid_exactly(sigma_mid):
     grid = karras_grid_for([80.0, sigma_mid], PrecondConfig())
     assert grid.exact
     sched = CMStochasticIterativeScheduler(num_train_timesteps=grid.num_train_timesteps)
-    sched.set_timesteps(timesteps=[grid.indices[0], 0])
+    sched.set_timesteps(timesteps=grid.two_step_timesteps)
     want_t = c_noise(torch.tensor([sigma_mid], dtype=torch.float32))
     assert sched.sigmas[1].item() == np.float32(sigma_mid)  # what the scheduler's step() uses
     assert torch.tensor(sched.timesteps[1].item()).float() == want_t  # what the UNet's embedding sees
@@ -271,7 +271,8 @@ def test_init_from_errors_name_the_field_and_fix(foreign, tmp_path):
 
     with pytest.raises(UserError, match=r"block_out_channels=\[16, 32\] but the recipe builds block_out_channels"):
         load_init_weights(model("model.block_out_channels=[16,16]"), str(foreign))
-    with pytest.raises(UserError, match="holds a UNet2DModel but the recipe builds a NsLNUNet2DModel; set model.norm=group"):
+    with pytest.raises(UserError,
+                       match="holds a UNet2DModel but the recipe builds a NsLNUNet2DModel; set model.norm=group"):
         load_init_weights(model("model.norm=nsln"), str(foreign))
     with pytest.raises(UserError, match=r"precond.sigma_data=0.25; set precond.sigma_data=0.5"):
         load_init_weights(model("precond.sigma_data=0.25"), str(foreign))

@@ -27,7 +27,7 @@ class NsLN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.bias.numel()
         if x[0].numel() != n:
-            raise ValueError(f"NsLN was built for {tuple(self.bias.shape)} elements per sample, got {tuple(x.shape[1:])}")
+            raise ValueError(f"NsLN was built for {tuple(self.bias.shape)} per sample, got {tuple(x.shape[1:])}")
         # attention blocks pass (B, C, H*W): the flattened order equals that of (C, H, W)
         return F.layer_norm(x.flatten(1), (n,), None, self.bias.flatten(), self.eps).view(x.shape)
 
