@@ -1,6 +1,8 @@
 """`cmgen export RUN_OR_CHECKPOINT --to DIR [--no-ema]`: write a diffusers pipeline folder."""
 from __future__ import annotations
 
+import argparse
+
 EPILOG = ("Plain UNet2DModel backbones become a stock ConsistencyModelPipeline (diffusers alone loads it, "
           "offline); others (e.g. model.norm=nsln) use cmgen's pipeline classes. See the folder's README.md.")
 
@@ -11,7 +13,7 @@ def add_parser(subparsers) -> None:
                    help="run folder (its newest checkpoint) or checkpoints/step-N folder")
     e.add_argument("--to", required=True, metavar="DIR", help="new or empty output folder")
     e.add_argument("--no-ema", action="store_true", help="export the raw training weights instead of the EMA")
-    e.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     e.set_defaults(func=cmd_export)
 
 
