@@ -163,7 +163,7 @@ def cmd_ref_stats(args) -> int:
     device = _setup(args)
     p = Path(args.source).expanduser()
     if args.source in NAMED_REFS and not p.exists():
-        source = named_source(args.source, args.batch_size, args.n)
+        source = named_source(args.source, args.batch_size, args.n, not args.no_progress)
     elif p.is_dir():
         source = folder_source(p, args.batch_size, not args.no_progress, args.n)
     elif p.is_file() and p.suffix.lower() == ".npz" and not is_stats_file(p):
@@ -216,6 +216,9 @@ def cmd_reward(args) -> int:
     base = None
     if args.base:
         base = open_target(args.base, args, device)
+        if tuple(base[1].shape) != tuple(obj.shape):
+            raise UserError(f"--base samples have shape {tuple(base[1].shape)} but '{args.target}' makes "
+                            f"{tuple(obj.shape)}; pass the model the run was tuned from")
         net = _feature_net(args, obj.shape, device)
     rows = []
     for label, s, nfe, src in _reward_sources(kind, obj, steps, n, args, device, "tuned" if base else "model"):

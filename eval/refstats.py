@@ -112,15 +112,15 @@ def _cleanfid_published(net: FeatureNet) -> Optional[Path]:
     return path if path.is_file() else None
 
 
-def named_source(name: str, batch_size: int = 256, n: Optional[int] = None) -> Source:
+def named_source(name: str, batch_size: int = 256, n: Optional[int] = None, progress: bool = False) -> Source:
     from cmgen.data import cifar10, load_digits, toy2d
 
     if name == "digits":
         d = load_digits()
-        return dataset_source(d.x, "digits (all 1797 scikit-learn digits)", "image", batch_size)
+        return dataset_source(d.x, "digits (all 1797 scikit-learn digits)", "image", batch_size, progress=progress)
     if name == "cifar10-train":
         d = cifar10(None)
-        return dataset_source(d.x, "cifar10-train (50000 images)", "image", batch_size)
+        return dataset_source(d.x, "cifar10-train (50000 images)", "image", batch_size, progress=progress)
     if name in ("ring", "moons"):
         count = max(n or 0, TOY_REF_MIN)
         d = toy2d(name, count, TOY_REF_SEED)
@@ -140,8 +140,8 @@ def resolve_reference(ref: str, net: FeatureNet, *, n: Optional[int] = None, kee
                 ref_obj = load_stats(published, net)
                 ref_obj.description["name"] = f"cifar10-train (clean-fid's published statistics {published})"
                 return ref_obj
-            return _cached_named(ref, net, lambda: named_source(ref, batch_size), keep)
-        source = named_source(ref, batch_size, n)
+            return _cached_named(ref, net, lambda: named_source(ref, batch_size, progress=progress), keep)
+        source = named_source(ref, batch_size, n, progress)
     elif p.is_file():
         if is_stats_file(p):
             return load_stats(p, net)

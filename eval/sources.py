@@ -71,12 +71,14 @@ def model_source(model, recipe, shape: tuple[int, ...], num_classes: int, kind: 
 
 # ----------------------------------------------------------------------------- datasets
 
-def dataset_source(x: torch.Tensor, name: str, kind: str, batch_size: int = 256, n: Optional[int] = None) -> Source:
+def dataset_source(x: torch.Tensor, name: str, kind: str, batch_size: int = 256, n: Optional[int] = None,
+                   progress: bool = False) -> Source:
     """An in-memory cmgen Dataset's tensor (images in [-1, 1], quantised to uint8 like samples are)."""
     x = x if n is None else x[:n]
 
     def batches(channels: int) -> Iterator[np.ndarray]:
-        for start in range(0, len(x), batch_size):
+        for start in tqdm(range(0, len(x), batch_size), desc=f"features of {name}", unit="batch",
+                          disable=not progress, leave=False):
             b = x[start:start + batch_size]
             yield b.numpy().astype(np.float64) if kind == "points" else _as_channels(to_uint8_nhwc(b), channels)
 

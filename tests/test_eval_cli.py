@@ -152,3 +152,31 @@ def test_user_errors_exit_2_with_one_line(argv, needle, digits_run, tmp_path, ca
     assert cli(argv + FAST) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
+
+
+def test_model_samples_stream_in_seeded_batches_with_a_progress_bar(digits_run, capsys):
+    """Features are taken batch by batch (no batch larger than --batch-size), the same seeds give the same
+    numbers whatever the batch size, and the bar is shown."""
+    from cmgen.eval.features import build_feature_net
+    from cmgen.eval.refstats import accumulate
+    from cmgen.eval.sources import model_source
+    from cmgen.runs import load_model
+    from cmgen.sampling import default_sigmas
+
+    lm = load_model(digits_run)
+    net = build_feature_net("digits", lm.shape)
+    seen = []
+    embed = net.embed
+    net.embed = lambda batch: seen.append(len(batch)) or embed(batch)
+
+    def stats(batch_size, progress=False):
+        src = model_source(lm.model, lm.recipe, lm.shape, lm.num_classes, lm.kind, default_sigmas(lm.recipe, 2), 40,
+                           seed=5, batch_size=batch_size, progress=progress)
+        return accumulate(src, net, keep=8)
+
+    a = stats(16, progress=True)
+    assert seen == [16, 16, 8] and a.n == 40 and len(a.kept) == 8
+    assert "2-step samples" in capsys.readouterr().err
+    b = stats(40)
+    np.testing.assert_allclose(a.mean, b.mean, rtol=1e-6)
+    np.testing.assert_allclose(a.cov, b.cov, rtol=1e-5, atol=1e-8)
