@@ -55,7 +55,11 @@ def _cmgen_timestep(sigma: float) -> np.float32:
 
 
 def karras_grid_for(sigmas, p: PrecondConfig, max_points: int = 400_000) -> KarrasGrid:
-    """The smallest CMStochasticIterativeScheduler grid holding the 2-step sigma `sigmas[1]` exactly."""
+    """The smallest CMStochasticIterativeScheduler grid holding the 2-step sigma `sigmas[1]` exactly.
+
+    Exact = same float32 sigma (what step() uses) and same float32 timestep (what the UNet sees).
+    Failing that, the smallest grid with the same float32 sigma (timestep within an ulp or two).
+    """
     from diffusers import CMStochasticIterativeScheduler
 
     if len(sigmas) < 2:
@@ -66,20 +70,23 @@ def karras_grid_for(sigmas, p: PrecondConfig, max_points: int = 400_000) -> Karr
     n = np.arange(3, max_points + 1, dtype=np.int64)
     lo, hi = p.sigma_min ** (1 / p.rho), p.sigma_max ** (1 / p.rho)
     u = (hi - mid ** (1 / p.rho)) / (hi - lo)  # position of mid between sigma_max (0) and sigma_min (1)
-    want_sigma, want_t = np.float32(mid), _cmgen_timestep(mid)
-    found = []
+    exact, close = [], []
     for offset in (0, 1):  # the grid points just above and just below mid, for every size n
         i = np.floor(u * (n - 1)).astype(np.int64) + offset
         sigma = sched._convert_to_karras(i / (n - 1))  # the scheduler's own arithmetic, as in set_timesteps
-        hit = (sigma.astype(np.float32) == want_sigma) & (sched.sigma_to_t(sigma).astype(np.float32) == want_t)
-        hit &= (i > 0) & (i < n - 1)
-        if hit.any():
-            k = int(np.argmax(hit))
-            found.append((int(n[k]), int(i[k])))
-    if not found:  # not seen for any sigma_mid tried; fall back to the nearest point of a fine grid
-        return KarrasGrid(max_points, int(round(u * (max_points - 1))), False)
-    size, index = min(found)
-    return KarrasGrid(size, index, True)
+        same_sigma = (sigma.astype(np.float32) == np.float32(mid)) & (i > 0) & (i < n - 1)
+        same_t = sched.sigma_to_t(sigma).astype(np.float32) == _cmgen_timestep(mid)
+        exact += _smallest(n, i, same_sigma & same_t)
+        close += _smallest(n, i, same_sigma)
+    if exact or close:
+        size, index = min(exact or close)
+        return KarrasGrid(size, index, bool(exact))
+    return KarrasGrid(max_points, int(round(u * (max_points - 1))), False)  # nearest point of a fine grid
+
+
+def _smallest(n: np.ndarray, i: np.ndarray, ok: np.ndarray) -> list[tuple[int, int]]:
+    k = int(np.argmax(ok))
+    return [(int(n[k]), int(i[k]))] if ok[k] else []
 
 
 # ----------------------------------------------------------------------------- export
@@ -468,7 +475,7 @@ def _sigma_section(p: PrecondConfig, sigmas: list, grid: Optional[KarrasGrid], c
     if grid is None or grid.mid_index is None:
         return text
     exact = ("exactly (float32 sigma and timestep)" if grid.exact else
-             "only approximately (no grid up to 400k points holds it)")
+             "as nearly as a grid of up to 400k points allows")
     return text + (f"\nThe scheduler's Karras grid has num_train_timesteps={grid.num_train_timesteps}: the smallest "
                    f"grid on which index {grid.mid_index} (counted from sigma_max) is sigma {sigmas[1]:g} "
                    f"{exact}, so `timesteps={grid.two_step_timesteps}` reproduces cmgen's 2-step sampling.\n")
