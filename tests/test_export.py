@@ -102,6 +102,33 @@ def test_karras_grid_holds_sigma_mid_exactly(sigma_mid):
     assert sched.sigmas[0].item() == 80.0
 
 
+def test_karras_grid_falls_back_to_same_float32_sigma():
+    from cmgen.export import karras_grid_for
+    from cmgen.precond import PrecondConfig
+
+    # index 6 of the 11-point grid: cmgen's float32 c_noise is an ulp off diffusers' on every grid
+    grid = karras_grid_for([80.0, 0.9654169263318939], PrecondConfig())
+    assert not grid.exact and (grid.num_train_timesteps, grid.mid_index) == (6, 3)
+    assert karras_grid_for([80.0], PrecondConfig()).mid_index is None
+
+
+def test_config_check_resolves_attention_norm_groups_like_unet2dmodel():
+    from diffusers import UNet2DModel
+
+    from cmgen.export import _check_same_network
+
+    base = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), norm_num_groups=8,
+                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                attention_head_dim=8, layers_per_block=1)
+    with torch.device("meta"):
+        default = UNet2DModel(**base)
+        shifted = UNet2DModel(**base, resnet_time_scale_shift="scale_shift")
+    _check_same_network({**base, "attn_norm_num_groups": 8}, default, "x")  # None = norm_num_groups here
+    with pytest.raises(UserError, match="attn_norm_num_groups=8 but the recipe builds attn_norm_num_groups=None"):
+        _check_same_network({**base, "resnet_time_scale_shift": "scale_shift", "attn_norm_num_groups": 8},
+                            shifted, "x")  # ... but no mid-block attention norm with scale_shift
+
+
 # ----------------------------------------------------------------------------- stock round trip
 
 def test_export_writes_stock_pipeline_with_safetensors_only(exported):
