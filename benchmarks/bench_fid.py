@@ -51,7 +51,7 @@ def inception_file(tmp: Path) -> tuple[Path, bool]:
     return save_standin_inception(tmp / "standin"), False
 
 
-def time_cmgen(dirs, path: Path, mode: str, batch_size: int) -> tuple[float, float, float]:
+def time_cmgen(dirs, path: Path, mode: str, batch_size: int):
     from cmgen.eval.features import build_feature_net
     from cmgen.eval.frechet import fd_between
     from cmgen.eval.refstats import accumulate
@@ -63,7 +63,7 @@ def time_cmgen(dirs, path: Path, mode: str, batch_size: int) -> tuple[float, flo
     mid = time.perf_counter()
     fd = fd_between(*stats)
     end = time.perf_counter()
-    return fd, end - start, end - mid
+    return fd, end - start, end - mid, stats
 
 
 def time_cleanfid(dirs, path: Path, mode: str, batch_size: int) -> tuple[float, float]:
@@ -79,6 +79,32 @@ def time_cleanfid(dirs, path: Path, mode: str, batch_size: int) -> tuple[float, 
     return float(fd), time.perf_counter() - start
 
 
+def compare_kid(dirs, path: Path, mode: str, batch_size: int, stats) -> None:
+    """KID: clean-fid's kernel_distance (numpy seeded, as it draws subsets from the global RNG) next to cmgen's;
+    with one subset of all samples both are deterministic and must agree exactly."""
+    from cleanfid import fid as cfid
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    from cmgen.eval.metrics import kernel_inception_distance
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = InceptionV3W(str(path.parent), download=False, resize_inside=mode == "legacy_tensorflow").eval()
+        feats = [cfid.get_folder_features(str(d), model, num_workers=0, batch_size=batch_size,
+                                          device=torch.device("cpu"), mode=mode, verbose=False) for d in dirs]
+    feats = [f.astype(np.float64) for f in feats]  # clean-fid computes in its input's dtype; float32 loses ~1e-4
+    m = min(len(f) for f in feats)
+    np.random.seed(0)
+    theirs = cfid.kernel_distance(feats[0], feats[1])
+    ours, ours_std = kernel_inception_distance(stats[1].kept, stats[0].kept)
+    np.random.seed(0)
+    theirs_all = cfid.kernel_distance(feats[0][:m], feats[1][:m], num_subsets=1, max_subset_size=m)
+    ours_all, _ = kernel_inception_distance(feats[1][:m], feats[0][:m], num_subsets=1, subset_size=m)
+    sub = min(m, 1000)
+    print(f"KID, 100 subsets of {sub}: clean-fid {theirs:.6g}   cmgen {ours:.6g} ± {ours_std:.2g} (different subsets)")
+    print(f"KID, one subset of all {m} (deterministic): clean-fid {theirs_all:.10g}   cmgen {ours_all:.10g}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=2100, help="images per folder (default 2100, above the 2048 dims)")
@@ -86,6 +112,8 @@ def main() -> None:
     ap.add_argument("--mode", default="clean", choices=["clean", "legacy_tensorflow"])
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-kid", action="store_true", help="skip the KID comparison (it extracts clean-fid's "
+                    "features once more)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     singular = args.n <= 2048
@@ -99,7 +127,9 @@ def main() -> None:
                 write_folder(smooth_images(args.n, args.res, 1, 0.8), tmp / "b")]
         # clean-fid first, then cmgen, so any file-cache warm-up favours cmgen's competitor, not cmgen
         fd_theirs, t_theirs = time_cleanfid(dirs, path, args.mode, args.batch_size)
-        fd_ours, t_ours, t_fd = time_cmgen(dirs, path, args.mode, args.batch_size)
+        fd_ours, t_ours, t_fd, stats = time_cmgen(dirs, path, args.mode, args.batch_size)
+        if not args.no_kid:
+            compare_kid(dirs, path, args.mode, args.batch_size, stats)
 
     rel = abs(fd_ours - fd_theirs) / max(abs(fd_theirs), 1e-12)
     print(f"extractor: {'Inception ' + str(path) if real else 'TorchScript stand-in (set CMGEN_INCEPTION for the real one)'}"
