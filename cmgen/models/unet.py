@@ -31,6 +31,7 @@ _ADM_IMAGENET64 = dict(
     block_out_channels=(192, 384, 576, 768), layers_per_block=3,
     down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
     up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"),
+    downsample_type="resnet", upsample_type="resnet", attn_norm_num_groups=32,
     attention_head_dim=64, norm_num_groups=32, dropout=0.2, resnet_time_scale_shift="scale_shift",
 )
 
