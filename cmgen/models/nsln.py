@@ -37,20 +37,19 @@ class NsLN(nn.Module):
 
 def _norm_input_shapes(unet: UNet2DModel) -> dict[str, tuple[int, ...]]:
     """(C, H, W) seen by every GroupNorm, found by one dry forward pass at the model's sample size."""
-    shapes, handles = {}, []
     modules = dict(unet.named_modules())
+    norms = [name for name, m in modules.items() if isinstance(m, nn.GroupNorm)]
+    # attention blocks flatten H, W before their norm: their own input still has (C, H, W)
+    watched = set(norms) | {name.rpartition(".")[0] for name in norms}
+    seen: dict[str, tuple[int, ...]] = {}
 
     def record(name):
-        def hook(_module, args):
-            shapes[name] = tuple(args[0].shape[1:])
+        def hook(_module, args, kwargs):
+            x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
+            seen[name] = tuple(x.shape[1:])
         return hook
 
-    for name, module in modules.items():
-        if isinstance(module, nn.GroupNorm):
-            handles.append(module.register_forward_pre_hook(record(name)))
-            parent = name.rpartition(".")[0]
-            if parent not in shapes and parent in modules:  # attention flattens H, W before its norm
-                handles.append(modules[parent].register_forward_pre_hook(record(parent)))
+    handles = [modules[name].register_forward_pre_hook(record(name), with_kwargs=True) for name in watched]
     cfg = unet.config
     size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
     device = next(unet.parameters()).device  # "meta" when diffusers builds the model before loading weights
@@ -62,12 +61,7 @@ def _norm_input_shapes(unet: UNet2DModel) -> dict[str, tuple[int, ...]]:
     finally:
         for h in handles:
             h.remove()
-    out = {}
-    for name, module in modules.items():
-        if isinstance(module, nn.GroupNorm):
-            shape = shapes[name]
-            out[name] = shape if len(shape) == 3 else shapes[name.rpartition(".")[0]]
-    return out
+    return {name: seen[name] if len(seen[name]) == 3 else seen[name.rpartition(".")[0]] for name in norms}
 
 
 def replace_group_norms(unet: UNet2DModel) -> UNet2DModel:
