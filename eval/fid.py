@@ -4,8 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-import numpy as np
-
 from cmgen.eval.features import FeatureNet
 from cmgen.eval.frechet import FeatureStats, fd_between
 from cmgen.eval.metrics import (kernel_inception_distance, mmd2_rbf, precision_recall, sliced_wasserstein)
@@ -86,7 +84,3 @@ def evaluate_samples(source: Source, net: FeatureNet, ref: Reference, opts: Metr
     table = Table(net.metric, protocol_of(net, ref, source.n, {"samples": source.name}))
     table.rows.append({"steps": None, "nfe": None} | evaluate_source(source, net, ref, opts))
     return table
-
-
-def finite_or_none(v):
-    return None if v is None or (isinstance(v, float) and not np.isfinite(v)) else v

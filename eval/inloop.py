@@ -22,7 +22,7 @@ _REFS: dict = {}
 REPORTED = ("fd", "precision", "recall", "kid", "swd", "mmd2")
 
 
-def check_eval_config(recipe, shape) -> None:
+def check_eval_config(recipe) -> None:
     """Recipe eval.* checks (worth calling before training starts, so a typo does not stop a run midway)."""
     e = recipe.eval
     if e.features not in FEATURE_CHOICES:
@@ -78,7 +78,7 @@ def _append_row(path: Path, row: dict) -> list[dict]:
 def evaluate_during_training(model, recipe, data, holdout, step: int, out_dir, device="cpu") -> dict:
     """Returns {'fd_1step': ..., 'precision_1step': ..., ...} and records it in eval.jsonl / eval.png."""
     out_dir = Path(out_dir)
-    check_eval_config(recipe, data.shape)
+    check_eval_config(recipe)
     e = recipe.eval
     opts = MetricOptions(keep=max(e.n, 2), kid_subsets=50)
     net = _feature_net(recipe, data.shape, device)

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from cmgen.errors import UserError
-from cmgen.eval.features import INCEPTION_SHA256, FeatureNet
+from cmgen.eval.features import FeatureNet
 from cmgen.eval.frechet import FeatureStats
 from cmgen.eval.sources import Source, dataset_source, folder_source, npz_source
 

@@ -1,7 +1,6 @@
 """Sanity ordering of FD-digits on the digits set: held-out real is close, more noise or blur is farther,
 pure noise is far; precision drops as images degrade."""
 
-import numpy as np
 import pytest
 import torch
 
