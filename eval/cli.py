@@ -66,6 +66,10 @@ def _setup(args):
     from cmgen.cli import _device
     from cmgen.train import configure_threads
 
+    if args.n is not None and args.n < 2:
+        raise UserError(f"--n must be at least 2 (a covariance needs two samples), got {args.n}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     configure_threads(args.threads)
     return _device(args.device)
 
@@ -159,6 +163,8 @@ def cmd_ref_stats(args) -> int:
     from cmgen.eval.refstats import NAMED_REFS, accumulate, is_stats_file, named_source, save_stats
     from cmgen.eval.sources import folder_source, npz_source
 
+    if Path(args.out).suffix != ".npz":
+        raise UserError(f"--out '{args.out}' must end in .npz")
     device = _setup(args)
     p = Path(args.source).expanduser()
     if args.source in NAMED_REFS and not p.exists():
