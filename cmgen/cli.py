@@ -156,8 +156,11 @@ def cmd_sample(args) -> int:
         written.append(npz)
     if suffix not in (".png", ".npz", ""):
         raise UserError(f"--out must end in .png or .npz (or have no suffix for both), got '{out.name}'")
+    from cmgen.runs import is_pipeline_dir
+
+    weights = "the pipeline" if is_pipeline_dir(args.run) else ("raw weights of" if args.no_ema else "EMA weights of")
     print(f"cmgen: {args.n} samples, {len(sigmas)} step(s) at sigmas {', '.join(f'{s:g}' for s in sigmas)}, "
-          f"{'EMA' if not args.no_ema else 'raw'} weights of {lm.source} -> {', '.join(map(str, written))}")
+          f"{weights} {lm.source} -> {', '.join(map(str, written))}")
     return 0
 
 
