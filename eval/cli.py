@@ -145,9 +145,11 @@ def cmd_fid(args) -> int:
 def cmd_sweep(args) -> int:
     from cmgen.eval.report import save_sweep_plot, to_text, write_table
 
+    p = Path(args.target).expanduser()
+    if p.exists() and not is_model_path(p):
+        raise UserError("cmgen eval sweep needs a run, checkpoint or pipeline folder (it samples at each --steps); "
+                        "use cmgen eval fid for samples made elsewhere")
     table, kind, obj = compute_table(args, "1,2,4,8")
-    if kind != "model":
-        raise UserError("cmgen eval sweep needs a run, checkpoint or pipeline folder (it samples at each --steps)")
     out = Path(args.out) if args.out else default_out_dir(args.target, kind)
     stem = f"sweep_{table.metric}{run_step_tag(obj)}"
     written = write_table(table, out, stem, title=f"{table.metric} vs NFE of {args.target}")

@@ -140,6 +140,7 @@ def test_reward_with_a_base_reports_interval_and_shift(digits_run, tmp_path):
     (["eval", "fid", "RUN", "--ref", "imagenet"], "--ref"),
     (["eval", "fid", "NPZ"], "--ref is required"),
     (["eval", "fid", "RUN", "--n", "1"], "--n"),
+    (["eval", "sweep", "NPZ"], "cmgen eval fid"),
     (["eval", "ref-stats", "NPZ", "--out", "x.txt"], "--out"),
 ])
 def test_user_errors_exit_2_with_one_line(argv, needle, digits_run, tmp_path, capsys, monkeypatch):
