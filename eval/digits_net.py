@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-VERSION = "digits-cnn-v1"
+VERSION = "digits-cnn-v2"
 FEATURE_DIM = 64
 EPOCHS = 12
 BATCH = 64
@@ -29,7 +29,11 @@ def cache_dir() -> Path:
 
 
 class DigitsNet(nn.Module):
-    """conv(32) -> conv(64, stride 2) -> linear(64) features -> ReLU -> linear(10) logits, on 1x8x8 in [-1, 1]."""
+    """conv(32) -> conv(64, stride 2) -> linear(64) features -> ReLU -> linear(10) logits, on 1x8x8 in [-1, 1].
+
+    `features` are the penultimate activations standardised per dimension over the digits set, so
+    that FD-digits and KID (whose cubic kernel assumes features of order one) have readable scales.
+    """
 
     def __init__(self):
         super().__init__()
@@ -37,9 +41,11 @@ class DigitsNet(nn.Module):
                                    nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
                                    nn.Linear(64 * 4 * 4, FEATURE_DIM))
         self.head = nn.Sequential(nn.ReLU(), nn.Linear(FEATURE_DIM, 10))
+        self.register_buffer("feature_mean", torch.zeros(FEATURE_DIM))
+        self.register_buffer("feature_std", torch.ones(FEATURE_DIM))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk(x)
+        return (self.trunk(x) - self.feature_mean) / self.feature_std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.trunk(x))
@@ -65,7 +71,12 @@ def train_digits_net(epochs: int = EPOCHS, seed: int = SEED) -> DigitsNet:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return net.eval()
+    net.eval()
+    with torch.no_grad():
+        raw = net.trunk(x)
+        net.feature_mean.copy_(raw.mean(0))
+        net.feature_std.copy_(raw.std(0).clamp(min=1e-6))
+    return net
 
 
 def weights_path() -> Path:

@@ -73,4 +73,4 @@ def test_precision_drops_with_noise(setup):
     real = ref.kept[:400]
     p_clean, _ = precision_recall(real, clean.kept)
     p_noisy, _ = precision_recall(real, noisy.kept)
-    assert p_clean > 0.6 and p_noisy < p_clean - 0.2
+    assert p_clean > 0.5 and p_noisy < p_clean - 0.2
