@@ -30,7 +30,9 @@ INCEPTION_MODES = ("clean", "legacy_tensorflow")
 CLEANFID_DIR = Path("/tmp")   # where clean-fid itself keeps the Inception file
 CLIP_FILE = "ViT-B-32.pt"
 CLIP_URL = ("https://openaipublic.azureedge.net/clip/models/"
-            "40d3657159ea1a5da32cfb5d1063cfa6f5b8e1e9a6e51b2e40e3b1ab7f09e8ac/ViT-B-32.pt")
+            "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt")
+CLIP_L14_URL = ("https://openaipublic.azureedge.net/clip/models/"
+                "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt")
 
 
 @dataclass

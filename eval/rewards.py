@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from cmgen.errors import UserError
+from cmgen.eval.features import CLIP_L14_URL
 
 REWARDS = ("jpeg-compressibility", "jpeg-incompressibility", "brightness", "digit-class", "aesthetic")
 AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"
@@ -89,7 +90,8 @@ def load_aesthetic_head(explicit: Optional[str]) -> tuple[list, Path]:
     if not given or not Path(given).expanduser().is_file():
         where = f"'{given}' is not a file; " if given else ""
         raise UserError(f"--reward aesthetic needs the predictor weights ({where}download {AESTHETIC_URL} and pass "
-                        "it with --aesthetic PATH or CMGEN_AESTHETIC=PATH, plus CLIP ViT-L/14 with --clip PATH)")
+                        "it with --aesthetic PATH or CMGEN_AESTHETIC=PATH, plus CLIP ViT-L/14 from "
+                        f"{CLIP_L14_URL} with --clip PATH)")
     path = Path(given).expanduser()
     try:
         if path.suffix == ".safetensors":
