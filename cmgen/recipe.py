@@ -317,6 +317,14 @@ def validate(r: Recipe) -> None:
     need(r.model.arch in ("unet", "mlp"), f"recipe key 'model.arch' must be unet or mlp, got '{r.model.arch}'")
     need(r.model.norm in ("group", "nsln"), f"recipe key 'model.norm' must be group or nsln, got '{r.model.norm}'")
     need(0.0 <= r.model.dropout < 1.0, "recipe key 'model.dropout' must be in [0, 1)")
+    from cmgen.eval.features import FEATURE_CHOICES
+
+    e = r.eval
+    need(e.features in FEATURE_CHOICES,
+         f"recipe key 'eval.features' must be one of {', '.join(FEATURE_CHOICES)}, got '{e.features}'")
+    need(e.every >= 0 and e.n >= 2, "recipe keys 'eval.every' must be >= 0 and 'eval.n' at least 2")
+    need(len(e.steps) > 0 and all(s >= 1 for s in e.steps),
+         f"recipe key 'eval.steps' must be step counts of 1 or more, got {list(e.steps)}")
     p = r.precond
     need(0 < p.sigma_min < p.sigma_max, "recipe keys 'precond.sigma_min' < 'precond.sigma_max' must both be positive")
     s = r.sample.sigmas

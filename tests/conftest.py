@@ -9,8 +9,17 @@ os.environ.setdefault("CMGEN_CACHE", os.path.join(os.path.dirname(__file__), "..
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# Two cores: one intra-op thread per core, set once, so tests never oversubscribe.
-torch.set_num_threads(int(os.environ.get("CMGEN_TEST_THREADS", "2")))
+# Two cores: one intra-op thread per core, so tests never oversubscribe.
+THREADS = int(os.environ.get("CMGEN_TEST_THREADS", "2"))
+torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_threads():
+    """In-process CLI calls set torch's thread count; put it back after every test."""
+    yield
+    if torch.get_num_threads() != THREADS:
+        torch.set_num_threads(THREADS)
 
 TINY_UNET = ["model.block_out_channels=[16,32]", "model.norm_num_groups=8", "model.attention_head_dim=8"]
 

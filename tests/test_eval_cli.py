@@ -10,15 +10,6 @@ from cmgen.cli import main as cli
 FAST = ["--threads", "1", "--no-progress", "--device", "cpu", "--batch-size", "32"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread here (the other core is busy), restored afterwards for the rest of the suite."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     from cmgen.recipe import load_recipe

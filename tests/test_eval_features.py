@@ -13,15 +13,6 @@ from cmgen.eval import features as F
 from cmgen.eval.standin import save_standin_inception
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread here (the other core is busy), restored afterwards for the rest of the suite."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory):
     return save_standin_inception(tmp_path_factory.mktemp("inception"))

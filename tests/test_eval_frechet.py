@@ -9,15 +9,6 @@ import torch
 from cmgen.eval.frechet import FeatureStats, fd_between, frechet_distance, trace_sqrt_product
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread here (the other core is busy), restored afterwards for the rest of the suite."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _features(seed, n=400, d=32, shift=0.0, scale=1.0):
     g = np.random.default_rng(seed)
     mix = g.standard_normal((d, d)) / np.sqrt(d)

@@ -8,15 +8,6 @@ from cmgen.errors import UserError
 from cmgen.eval.inloop import evaluate_during_training
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread here (the other core is busy), restored afterwards for the rest of the suite."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _rows(run):
     return [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
 
@@ -65,7 +56,8 @@ def test_points_use_swd_and_rows_after_a_resume_point_are_replaced(tmp_path):
     assert (tmp_path / "eval.png").is_file()
 
 
-def test_bad_eval_features_is_a_user_error(tmp_path):
-    model, recipe, data, holdout = _toy(tmp_path, ["eval.features=fid"])
-    with pytest.raises(UserError, match="eval.features"):
-        evaluate_during_training(model, recipe, data, holdout, 1, tmp_path)
+def test_bad_eval_features_is_a_user_error_before_training(tmp_path):
+    from cmgen.recipe import load_recipe
+
+    with pytest.raises(UserError, match="eval.features"):  # at load time, not after eval.every steps
+        load_recipe("ict_toy2d", ["eval.every=10", "eval.features=fid"])

@@ -7,15 +7,6 @@ from cmgen.eval.metrics import (kernel_inception_distance, knn_radii, mean_confi
                                 mmd2_unbiased_poly, precision_recall, sliced_wasserstein)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread here (the other core is busy), restored afterwards for the rest of the suite."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _brute_precision_recall(real, fake, k):
     def radii(x):
         d = np.linalg.norm(x[:, None] - x[None], axis=-1)

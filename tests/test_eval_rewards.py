@@ -11,15 +11,6 @@ from cmgen.errors import UserError
 from cmgen.eval.rewards import REWARDS, build_reward, jpeg_kilobytes, linear_stack_from_state
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread here (the other core is busy), restored afterwards for the rest of the suite."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _images():
     g = np.random.default_rng(0)
     flat = np.full((2, 32, 32, 3), 120, np.uint8)

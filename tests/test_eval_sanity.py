@@ -11,15 +11,6 @@ from cmgen.eval.refstats import accumulate
 from cmgen.eval.sources import dataset_source
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread here (the other core is busy), restored afterwards for the rest of the suite."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def setup():
     from cmgen.data import load_digits

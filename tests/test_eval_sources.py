@@ -10,15 +10,6 @@ from cmgen.eval.refstats import accumulate, load_stats, resolve_reference, save_
 from cmgen.eval.sources import dataset_source, folder_source, iter_npz_array, npz_source
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread here (the other core is busy), restored afterwards for the rest of the suite."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _mean_pixel_net():
     """A transparent feature net for plumbing tests: per-channel means and a few pixels."""
     def embed(images):
