@@ -75,6 +75,14 @@ BAD_INPUTS = [
     ("unwritable sample output", lambda t, r: ["sample", r, "--out", "/proc/cmgen/s.png"], ["cannot be written"]),
     ("unwritable run folder", lambda t, r: ["train", "ict_digits", "train.steps=1", "--out", "/proc/cmgen-run"],
      ["cannot be written", "--out"]),
+    ("unknown reward", lambda t, r: ["eval", "reward", r, "--reward", "shiny", "--n", "2"],
+     ["--reward 'shiny' is unknown", "jpeg-compressibility"]),
+    ("unknown feature net", lambda t, r: ["eval", "fid", r, "--features", "vgg", "--n", "2"], ["--features", "vgg"]),
+    ("missing inception weights", lambda t, r: ["eval", "fid", r, "--features", "inception", "--n", "2", "--ref",
+                                                "digits", "--inception", t / "none.pt"],
+     ["inception-2015-12-05.pt", "--inception"]),
+    ("bad eval.features in a recipe", lambda t, r: ["train", "ict_digits", "eval.every=5", "eval.features=fid",
+                                                    "--out", t / "o"], ["eval.features"]),
     ("existing run without --resume", lambda t, r: ["train", "ict_digits", "--out", r], ["--resume auto"]),
 ]
 
