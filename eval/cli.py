@@ -8,8 +8,9 @@ from cmgen.errors import UserError
 
 FEATURES_HELP = ("feature space: auto (digits for 8x8 grey images, points for 2-D data, inception otherwise), "
                  "inception (FID through clean-fid), clip (FD-CLIP), digits (FD-digits), points (FD-points + SWD/MMD)")
-REF_HELP = ("reference: a named one (digits, cifar10-train, ring, moons), a folder of images, an .npz of samples or "
-            "a statistics file from `cmgen eval ref-stats` (default: the run's data)")
+REF_HELP = ("reference: a named one (digits, cifar10-train, ring, moons), the run's own 'holdout' or 'train' split "
+            "(holdout adds a real-vs-real floor row), a folder of images, an .npz of samples or a statistics file "
+            "from `cmgen eval ref-stats` (default: the run's data)")
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -112,11 +113,22 @@ def compute_table(args, default_steps: str):
     if kind == "model":
         n = args.n or DEFAULT_N[net.kind]
         ref_name = args.ref or default_ref_for(obj.recipe)
-        ref = resolve_reference(ref_name, net, n=n, keep=opts.keep, batch_size=args.batch_size,
-                                progress=not args.no_progress)
+        splits = run_splits(obj.recipe) if ref_name in RUN_SPLITS else None
+        if splits is not None:
+            ref = split_reference(splits[ref_name], ref_name, net, opts, args.batch_size)
+        else:
+            ref = resolve_reference(ref_name, net, n=n, keep=opts.keep, batch_size=args.batch_size,
+                                    progress=not args.no_progress)
         table = evaluate_model_steps(obj, steps, n, net, ref, opts, seed=args.seed, batch_size=args.batch_size,
                                      device=device, progress=not args.no_progress,
                                      extra_protocol={"model_weights": "EMA" if not args.no_ema else "raw"})
+        if ref_name == "holdout":  # the floor: real training images scored the same way
+            from cmgen.eval.fid import evaluate_source
+            from cmgen.eval.sources import dataset_source
+
+            real = splits["train"]
+            src = dataset_source(real.x, "real training split", real.kind, args.batch_size, n=min(n, len(real)))
+            table.rows.append({"steps": "real", "nfe": 0} | evaluate_source(src, net, ref, opts))
     else:
         if args.steps:
             raise UserError("--steps applies to runs, checkpoints and pipelines, not to samples made elsewhere; "
@@ -128,6 +140,28 @@ def compute_table(args, default_steps: str):
                                 progress=not args.no_progress)
         table = evaluate_samples(obj, net, ref, opts)
     return table, kind, obj
+
+
+RUN_SPLITS = ("holdout", "train")
+
+
+def run_splits(recipe) -> dict:
+    """--ref holdout|train: the run's own data split, rebuilt from its recipe (data.holdout, train.seed)."""
+    from cmgen.data import load_dataset
+
+    train, held = load_dataset(recipe.data, recipe.train.seed)
+    if held is None:
+        raise UserError("--ref holdout needs a run trained with data.holdout > 0; pass another --ref "
+                        "(a named reference, a folder of images or a statistics file)")
+    return {"train": train, "holdout": held}
+
+
+def split_reference(split, name: str, net, opts, batch_size: int):
+    from cmgen.eval.refstats import Reference, accumulate
+    from cmgen.eval.sources import dataset_source
+
+    stats = accumulate(dataset_source(split.x, f"the run's {name} split", split.kind, batch_size), net, opts.keep)
+    return Reference(stats, {"name": f"{name} split of the run's data", "n": stats.n})
 
 
 def cmd_fid(args) -> int:

@@ -12,7 +12,7 @@ from cmgen.eval.fid import Table
 def _fmt(v, digits: int = 4) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
-    if isinstance(v, int):
+    if isinstance(v, (int, str)):
         return str(v)
     return f"{v:.{digits}g}"
 

@@ -52,6 +52,18 @@ def test_fid_of_a_run_writes_table_json_and_markdown(digits_run, tmp_path, capsy
     assert "| steps | NFE | FD-digits | precision | recall |" in md and "reference: digits" in md
 
 
+def test_holdout_reference_adds_the_real_data_floor(digits_run, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert cli(["eval", "fid", str(digits_run), "--n", "200", "--steps", "1", "--ref", "holdout",
+                "--out", str(out)] + FAST) == 0
+    table = _json(out, "fid_")
+    model_row, real_row = table["rows"]
+    assert real_row["steps"] == "real" and real_row["nfe"] == 0
+    assert table["protocol"]["reference"]["n"] == 297  # ict_digits keeps 297 digits out of training
+    assert real_row["fd"] < 0.2 * model_row["fd"]  # real train vs held-out real is far closer than a 4-step model
+    assert "real" in capsys.readouterr().out
+
+
 def test_npz_from_cmgen_sample_gives_the_runs_number(digits_run, tmp_path):
     """The same seeds through `cmgen sample` then eval of the .npz equal eval of the run: one pipeline."""
     npz = tmp_path / "s.npz"
