@@ -97,6 +97,7 @@ class Trainer:
         self.recipe = r = recipe
         t = r.train
 
+        _reset_accelerator_state(t.mixed_precision)
         self.accelerator = acc = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available(),
                                              step_scheduler_with_optimizer=False)
         self.world, self.rank, self.device = acc.num_processes, acc.process_index, acc.device
@@ -418,6 +419,15 @@ class Trainer:
                                           self.out, device=self.device)
         self.last_eval = result
         self.accelerator.wait_for_everyone()
+
+
+def _reset_accelerator_state(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide state; a second run in the same process (a notebook, the
+    tests) with another mixed_precision must reset it. The distributed part is left alone."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and str(AcceleratorState().mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state()
 
 
 class _nullcontext:

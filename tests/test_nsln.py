@@ -66,7 +66,9 @@ def test_nsln_unet_saves_and_loads_like_a_diffusers_model(tmp_path):
     assert type(loaded) is NsLNUNet2DModel
     for key, value in UNET.items():
         assert loaded.config[key] == (list(value) if isinstance(value, tuple) else value), key
-    assert torch.equal(loaded(x, t).sample, unet(x, t).sample)
+    # same weights; the loaded copy may take another kernel path (strides), so float-level agreement
+    assert torch.allclose(loaded(x, t).sample, unet(x, t).sample, atol=1e-6, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), unet.state_dict().values()))
 
 
 def test_recipe_model_norm_selects_nsln_and_is_validated():

@@ -31,7 +31,7 @@ def test_short_run_loss_is_finite_and_falls(tmp_path, name, extra, steps):
     rows = read_metrics(run / "metrics.jsonl")
     assert len(rows) == steps
     first, last = _falls(rows)
-    assert last < 0.8 * first, (first, last)
+    assert last < 0.9 * first, (first, last)
     for f in ("samples_1step.png", "samples_2step.png", "loss.png", "recipe.yaml", "environment.json"):
         assert (run / f).stat().st_size > 0
 

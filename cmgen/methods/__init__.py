@@ -21,7 +21,7 @@ _MODULES = {
 
 
 def _module(name: str):
-    if name not in _MODULES:
+    if not isinstance(name, str) or name not in _MODULES:
         match = difflib.get_close_matches(str(name), list(_MODULES), n=1)
         hint = f"; did you mean '{match[0]}'?" if match else f"; known methods: {', '.join(_MODULES)}"
         raise UserError(f"recipe key 'method.name' names an unknown method '{name}'{hint}")
