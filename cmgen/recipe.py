@@ -115,6 +115,12 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _show(value, limit: int = 60) -> str:
+    """A value as it appears in a one-line error: repr, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _coerce(value, tp, key: str):
     """Check `value` against the annotation `tp`; ints are accepted where floats are."""
     origin = typing.get_origin(tp)
@@ -129,7 +135,7 @@ def _coerce(value, tp, key: str):
             if origin is tuple and isinstance(value, (int, float)) and args and args[-1] is Ellipsis:
                 value = [value]
             else:
-                raise UserError(f"recipe key '{key}' must be a list, got {value!r}")
+                raise UserError(f"recipe key '{key}' must be a list, got {_show(value)}")
         if args and args[-1] is Ellipsis:
             items = [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
         elif args:
@@ -146,19 +152,19 @@ def _coerce(value, tp, key: str):
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"recipe key '{key}' must be a number, got {value!r}")
+            raise UserError(f"recipe key '{key}' must be a number, got {_show(value)}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"recipe key '{key}' must be an integer, got {value!r}")
+            raise UserError(f"recipe key '{key}' must be an integer, got {_show(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise UserError(f"recipe key '{key}' must be true or false, got {value!r}")
+            raise UserError(f"recipe key '{key}' must be true or false, got {_show(value)}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise UserError(f"recipe key '{key}' must be a string, got {value!r}")
+            raise UserError(f"recipe key '{key}' must be a string, got {_show(value)}")
         return value
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key)
@@ -179,7 +185,7 @@ def build(cls, data, prefix: str = ""):
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise UserError(f"recipe section '{where}' must be a mapping of keys to values, got {data!r}")
+        raise UserError(f"recipe section '{where}' must be a mapping of keys to values, got {_show(data)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls)}
     kwargs = {}

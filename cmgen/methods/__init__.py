@@ -24,7 +24,7 @@ def _module(name: str):
     if not isinstance(name, str) or name not in _MODULES:
         match = difflib.get_close_matches(str(name), list(_MODULES), n=1)
         hint = f"; did you mean '{match[0]}'?" if match else f"; known methods: {', '.join(_MODULES)}"
-        raise UserError(f"recipe key 'method.name' names an unknown method '{name}'{hint}")
+        raise UserError(f"recipe key 'method.name' names an unknown method {repr(name)[:40]}{hint}")
     return importlib.import_module(_MODULES[name])
 
 
