@@ -101,6 +101,11 @@ def save_curve(rows: list[dict], key: str, path, logy: bool = True, title: str =
     ax.plot(s, v, lw=1)
     if logy and min(v) > 0:
         ax.set_yscale("log")
+    stages = [(r["step"], r["N"]) for r in rows if "N" in r]
+    for (_, n0), (step, n1) in zip(stages, stages[1:]):  # curriculum stage boundaries: the loss jumps there
+        if n1 != n0:
+            ax.axvline(step, color="0.6", ls=":", lw=0.8)
+            ax.text(step, 1.0, f" N={int(n1)}", transform=ax.get_xaxis_transform(), va="top", fontsize=7, color="0.4")
     ax.set_xlabel("step")
     ax.set_ylabel(key)
     ax.set_title(title or key, fontsize=10)
