@@ -482,28 +482,16 @@ def _sigma_section(p: PrecondConfig, sigmas: list, grid: Optional[KarrasGrid], c
 
 
 def _metrics_section(source: Path, step) -> str:
+    from cmgen.plots import read_metrics
+
     run = source.parent.parent if source.parent.name == "checkpoints" else source
     lines = []
-    train = [row for row in _jsonl(run / "metrics.jsonl") if step is None or row.get("step", 0) <= step]
+    train = [row for row in read_metrics(run / "metrics.jsonl") if step is None or row.get("step", 0) <= step]
     if train:
         lines.append("Training (last logged row): " + _fmt_row(train[-1]))
-    for row in _jsonl(run / "eval.jsonl")[-10:]:
+    for row in read_metrics(run / "eval.jsonl")[-10:]:
         lines.append("Evaluation: " + _fmt_row(row))
     return "## Metrics\n\n" + "\n".join(f"- {line}" for line in lines) + "\n" if lines else ""
-
-
-def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def _fmt_row(row: dict) -> str:

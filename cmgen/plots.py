@@ -85,9 +85,11 @@ def read_metrics(path) -> list[dict]:
     rows = []
     for line in path.read_text().splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a crash
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 

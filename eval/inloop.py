@@ -47,16 +47,9 @@ def _reference(recipe, data, holdout, net: FeatureNet, opts: MetricOptions, out_
 
 def _append_row(path: Path, row: dict) -> list[dict]:
     """Rows of earlier steps are kept; rows at or after this step (from a crashed, resumed run) are replaced."""
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                old = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(old, dict) and old.get("step", -1) < row["step"]:
-                rows.append(old)
-    rows.append(row)
+    from cmgen.plots import read_metrics
+
+    rows = [old for old in read_metrics(path) if old.get("step", -1) < row["step"]] + [row]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, path)
