@@ -7,6 +7,7 @@ run draws what a straight single-process run draws.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -293,7 +294,7 @@ class Trainer:
         for m in range(t.grad_accum):
             x, y, rng = self._batch(m)
             sync = m == t.grad_accum - 1
-            ctx = acc.no_sync(self.model) if not sync and self.world > 1 else _nullcontext()
+            ctx = acc.no_sync(self.model) if not sync and self.world > 1 else contextlib.nullcontext()
             with ctx:
                 terms = self.method.loss(self.model, x, y, self.step, rng)
                 loss = terms["loss"]
@@ -428,14 +429,6 @@ def _reset_accelerator_state(mixed_precision: str) -> None:
 
     if AcceleratorState._shared_state and str(AcceleratorState().mixed_precision) != mixed_precision:
         AcceleratorState._reset_state()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def train(recipe: Recipe, out_dir=None, resume: Optional[str] = None, smoke: bool = False, progress: bool = True,
