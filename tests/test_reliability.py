@@ -246,7 +246,8 @@ def _launch(args, out, extra=()):
 
 def test_two_processes_match_one_process_and_resume(tmp_path):
     over = [o for o in TINY if not o.startswith(("train.threads", "model.dropout"))] + [
-        "train.steps=6", "train.checkpoint_every=3", "train.batch_size=8", "train.threads=1"]
+        "train.steps=6", "train.checkpoint_every=3", "train.batch_size=8", "train.threads=1",
+        "train.grad_accum=2"]  # accumulation exercises DDP's no_sync micro-steps
     _cmgen("train", "ict_digits", *over, "--out", tmp_path / "one", "--no-progress")
     proc = _launch(over, tmp_path / "two")
     assert "2 process(es)" in proc.stdout
