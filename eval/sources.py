@@ -157,6 +157,17 @@ def iter_npz_array(path, key: str, batch_size: int) -> Iterator[np.ndarray]:
             yield np.frombuffer(bytearray(buf), dtype=dtype).reshape((count, *shape[1:]))  # writable for torch
 
 
+def _first_rows(path, key: str, batch_size: int, total: int) -> Iterator[np.ndarray]:
+    """The first `total` rows of an npz array, in batches."""
+    seen = 0
+    for b in iter_npz_array(path, key, batch_size):
+        b = b[: total - seen]
+        seen += len(b)
+        yield b
+        if seen >= total:  # stop before reading the next batch from the file
+            return
+
+
 def npz_source(path, batch_size: int = 256, n: Optional[int] = None) -> Source:
     """`cmgen sample` output: 'images' (uint8 NHWC) preferred, else 'samples' (float NCHW in [-1, 1] or [N, D] points)."""
     path = Path(path)
@@ -172,13 +183,8 @@ def npz_source(path, batch_size: int = 256, n: Optional[int] = None) -> Source:
         total = shape[0] if n is None else min(n, shape[0])
 
         def batches(channels: int) -> Iterator[np.ndarray]:
-            seen = 0
-            for b in iter_npz_array(path, "images", batch_size):
-                b = b[: total - seen]
-                seen += len(b)
+            for b in _first_rows(path, "images", batch_size, total):
                 yield _as_channels(b, channels)
-                if seen >= total:
-                    return
 
         return Source(f"npz {path}", (shape[3], shape[1], shape[2]), "image", total, batches)
     if samples:
@@ -189,16 +195,11 @@ def npz_source(path, batch_size: int = 256, n: Optional[int] = None) -> Source:
         total = shape[0] if n is None else min(n, shape[0])
 
         def batches(channels: int) -> Iterator[np.ndarray]:
-            seen = 0
-            for b in iter_npz_array(path, "samples", batch_size):
-                b = b[: total - seen]
-                seen += len(b)
+            for b in _first_rows(path, "samples", batch_size, total):
                 if kind == "points":
                     yield b.astype(np.float64)
                 else:
                     yield _as_channels(to_uint8_nhwc(torch.from_numpy(np.array(b))), channels)
-                if seen >= total:
-                    return
 
         return Source(f"npz {path}", tuple(shape[1:]), kind, total, batches)
     raise UserError(f"'{path}' has neither 'images' nor 'samples'; pass the output of `cmgen sample --out X.npz`")
