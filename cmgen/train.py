@@ -290,24 +290,21 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         sums: dict[str, torch.Tensor] = {}
-        bad_term = None
         for m in range(t.grad_accum):
             x, y, rng = self._batch(m)
             sync = m == t.grad_accum - 1
             ctx = acc.no_sync(self.model) if not sync and self.world > 1 else contextlib.nullcontext()
             with ctx:
                 terms = self.method.loss(self.model, x, y, self.step, rng)
-                loss = terms["loss"]
-                bad = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
-                if bad and bad_term is None:  # name the specific term, not just the total
-                    bad_term = next((k for k in bad if k != "loss"), bad[0])
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float() / t.grad_accum
-                if bad_term is None:
-                    acc.backward(loss / t.grad_accum)
+                # always backward, even on a non-finite loss: every process must join DDP's gradient
+                # all-reduce; the check below discards the gradients before the optimizer sees them
+                acc.backward(terms["loss"] / t.grad_accum)
         keys = sorted(sums)
-        vec = torch.stack([torch.nan_to_num(sums[k], nan=0.0, posinf=0.0, neginf=0.0) for k in keys]
-                          + [torch.tensor(float(bad_term is not None), device=self.device)])
+        raw = torch.stack([sums[k] for k in keys])
+        local_bad = ~torch.isfinite(raw)  # one check for all terms and micro-steps (NaN/Inf survive the sum)
+        vec = torch.cat([torch.nan_to_num(raw, nan=0.0, posinf=0.0, neginf=0.0), local_bad.any().float()[None]])
         if self.world > 1:
             vec = acc.reduce(vec, reduction="sum")
             vec[:-1] /= self.world
@@ -315,7 +312,9 @@ class Trainer:
         if any_bad:
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite += 1
-            name = bad_term or "a loss term on another process"
+            bad = [k for k, b in zip(keys, local_bad.tolist()) if b]
+            # name the specific term, not just the total
+            name = next((k for k in bad if k != "loss"), bad[0]) if bad else "a loss term on another process"
             warnings.warn(f"step {self.step}: loss term '{name}' is not finite; step skipped "
                           f"({self.nonfinite} in a row, the run stops at {t.max_nonfinite})", stacklevel=2)
             if self.nonfinite >= t.max_nonfinite:
