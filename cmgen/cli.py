@@ -56,11 +56,12 @@ def cmd_train(args) -> int:
     if trainer.is_main:
         minutes = (time.time() - start) / 60
         print(f"cmgen: run '{out}' is at step {trainer.step} after {minutes:.1f} min")
-        for name in ("samples_1step.png", "samples_2step.png", "loss.png"):
+        for name in [f"samples_{s}step.png" for s in trainer.recipe.eval.steps] + ["loss.png"]:
             if (out / name).exists():
                 print(f"  {out / name}")
         print(f"  checkpoints: {out / 'checkpoints'}   metrics: {out / 'metrics.jsonl'}")
-        print(f"sample from it:  cmgen sample {out} --steps 2 --n 64 --out {out / 'my_samples.png'}")
+        print(f"sample from it:  cmgen sample {out} --steps {trainer.recipe.eval.steps[-1]} --n 64 "
+              f"--out {out / 'my_samples.png'}")
     return 0
 
 
@@ -102,65 +103,70 @@ def cmd_sample(args) -> int:
     import torch
 
     from cmgen.plots import save_samples, to_uint8
-    from cmgen.runs import load_model
-    from cmgen.sampling import default_sigmas, generate, parse_sigmas
+    from cmgen.runs import is_pipeline_dir, load_model
+    from cmgen.sampling import generate, parse_sigmas
     from cmgen.train import configure_threads
 
     configure_threads(args.threads)
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be 1 or more, got {args.steps}")
     out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".npz", ""):
+        raise UserError(f"--out must end in .png or .npz (or have no suffix for both), got '{out.name}'")
     _check_output(out)
     device = _device(args.device)
-    lm = load_model(args.run, ema=not args.no_ema, device=device)
-    r, p = lm.recipe, lm.recipe.precond
+    gen = load_model(args.run, ema=not args.no_ema, device=device)
+    sampler = gen.sampler(args.sampler).name
+    gen.check_guidance(args.cfg)
     if args.sigmas:
-        sigmas = parse_sigmas(args.sigmas, p.sigma_min, p.sigma_max)
-        if args.steps is not None and args.steps != len(sigmas):
-            raise UserError(f"--steps {args.steps} disagrees with --sigmas ({len(sigmas)} values); give one of them")
+        if gen.parameterisation != "cm":
+            raise UserError(f"--sigmas applies to consistency models; this is a {gen.parameterisation} model, "
+                            "use --steps")
+        p = gen.recipe.precond
+        times = parse_sigmas(args.sigmas, p.sigma_min, p.sigma_max)
+        if args.steps is not None and args.steps != len(times):
+            raise UserError(f"--steps {args.steps} disagrees with --sigmas ({len(times)} values); give one of them")
     else:
-        sigmas = default_sigmas(r, args.steps or 1)
+        times = gen.times(args.steps or gen.recipe.sample.steps, sampler)
     labels = None
     if args.class_label is not None:
-        if not lm.num_classes or not r.model.class_conditional:
+        if not gen.conditional:
             raise UserError("--class-label was given but the model is not class-conditional")
-        if not 0 <= args.class_label < lm.num_classes:
-            raise UserError(f"--class-label must be in [0, {lm.num_classes}), got {args.class_label}")
+        if not 0 <= args.class_label < gen.num_classes:
+            raise UserError(f"--class-label must be in [0, {gen.num_classes}), got {args.class_label}")
         labels = torch.full((args.n,), args.class_label, dtype=torch.long)
-    ncls = lm.num_classes if r.model.class_conditional else 0
     autocast = torch.bfloat16 if args.bf16 else None
+    nfe = gen.nfe(times, sampler, args.cfg)
+    steps = len(times) - (0 if gen.parameterisation == "cm" else 1)
     batches, ys = [], []
-    for x, y in generate(lm.model, args.n, lm.shape, sigmas, seed=args.seed, batch_size=args.batch_size,
-                         num_classes=ncls, labels=labels, sigma_min=p.sigma_min, device=device,
-                         clip_denoised=r.sample.clip_denoised and lm.kind == "image", autocast_dtype=autocast,
-                         progress=not args.no_progress, desc=f"sampling {len(sigmas)}-step"):
+    for x, y in generate(gen, args.n, times, sampler=sampler, seed=args.seed, batch_size=args.batch_size,
+                         labels=labels, guidance=args.cfg, device=device, autocast_dtype=autocast,
+                         progress=not args.no_progress, desc=f"sampling {steps}-step {sampler}"):
         batches.append(x)
         if y is not None:
             ys.append(y)
     x = torch.cat(batches)
     written = []
     suffix = out.suffix.lower()
+    shown = ", ".join(f"{s:.4g}" for s in times)
+    cfg = f", cfg {args.cfg:g}" if args.cfg != 1.0 else ""
     if suffix in (".png", ""):
         png = out if suffix == ".png" else out.with_suffix(".png")
-        shown = x[:args.grid_max]
-        save_samples(shown, png, title=f"{len(sigmas)}-step, sigmas {','.join(f'{s:g}' for s in sigmas)}")
+        save_samples(x[:args.grid_max], png, title=f"{steps}-step {sampler} (NFE {nfe}{cfg})")
         written.append(png)
     if suffix in (".npz", ""):
         npz = out if suffix == ".npz" else out.with_suffix(".npz")
-        arrays = {"samples": x.numpy(), "sigmas": np.asarray(sigmas), "seed": np.asarray(args.seed)}
-        if lm.kind == "image":
+        arrays = {"samples": x.numpy(), "sigmas": np.asarray(times), "seed": np.asarray(args.seed),
+                  "nfe": np.asarray(nfe)}
+        if gen.kind == "image":
             arrays["images"] = to_uint8(x)
         if ys:
             arrays["labels"] = torch.cat(ys).numpy()
         np.savez(npz, **arrays)
         written.append(npz)
-    if suffix not in (".png", ".npz", ""):
-        raise UserError(f"--out must end in .png or .npz (or have no suffix for both), got '{out.name}'")
-    from cmgen.runs import is_pipeline_dir
-
     weights = "the pipeline" if is_pipeline_dir(args.run) else ("raw weights of" if args.no_ema else "EMA weights of")
-    print(f"cmgen: {args.n} samples, {len(sigmas)} step(s) at sigmas {', '.join(f'{s:g}' for s in sigmas)}, "
-          f"{weights} {lm.source} -> {', '.join(map(str, written))}")
+    print(f"cmgen: {args.n} samples, {steps} step(s) of {sampler} ({'sigmas' if gen.parameterisation != 'flow' else 'times'} "
+          f"{shown}{cfg}), NFE {nfe}, {weights} {gen.source} -> {', '.join(map(str, written))}")
     return 0
 
 
@@ -210,8 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="draw samples from a run, checkpoint or diffusers pipeline folder", epilog=EPILOG)
     s.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run folder, checkpoints/step-N folder or pipeline folder")
-    s.add_argument("--steps", type=int, default=None, help="number of sampling steps (1 or 2 use the recipe's sigmas)")
-    s.add_argument("--sigmas", metavar="S1,S2,...", help="explicit decreasing noise levels, e.g. 80,0.821")
+    s.add_argument("--steps", type=int, default=None, help="number of sampling steps (default: the recipe's "
+                   "sample.steps; consistency models take 1 or 2 from the recipe's sigmas)")
+    s.add_argument("--sampler", default=None, help="cm: multistep; edm: heun (default), euler; flow: euler "
+                   "(default), sde")
+    s.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (class-conditional models "
+                   "trained with method.label_dropout; default 1 = off)")
+    s.add_argument("--sigmas", metavar="S1,S2,...", help="consistency models: explicit decreasing noise levels, "
+                   "e.g. 80,0.821")
     s.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     s.add_argument("--seed", type=int, default=0, help="sample j uses seed + j (default 0)")
     s.add_argument("--out", required=True, metavar="FILE", help="FILE.png (grid), FILE.npz (uint8 NHWC 'images' and "

@@ -15,10 +15,8 @@ samplers (e.g. 0.821 -> N = 34198, i = 21052), which is what makes the images ag
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +26,10 @@ import numpy as np
 import torch
 
 from cmgen.errors import UserError
-from cmgen.precond import ConsistencyDenoiser, PrecondConfig, c_noise
+from cmgen.precond import PrecondConfig, c_noise
+from cmgen.runs import EXPORT_FILE, RECIPE_FILE
 
-RECIPE_FILE = "cmgen_recipe.yaml"     # the run's resolved recipe, stored beside the pipeline
-EXPORT_FILE = "cmgen_export.json"     # step, data shape, classes and the 2-step grid index
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-SCHEDULERS = ("CMStochasticIterativeScheduler", "CMGenScheduler")
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 # ----------------------------------------------------------------------------- the 2-step grid
@@ -140,7 +135,7 @@ def _make_parent(out: Path) -> None:
 
 
 def _exportable_network(lm):
-    unet = getattr(lm.model.backbone, "unet", None)
+    unet = getattr(lm.net.backbone, "unet", None)
     if lm.kind != "image" or unet is None or not hasattr(unet, "save_pretrained"):
         raise UserError(f"'{lm.source}' holds a model.arch={lm.recipe.model.arch} model on {lm.kind} data, which "
                         "diffusers cannot load; only image models with model.arch=unet can be exported")
@@ -191,234 +186,6 @@ def _assert_no_pickles(folder: Path) -> None:
     bad = [p for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]
     if bad:  # diffusers wrote a pickle: a bug or an unsupported component, never ship it
         raise RuntimeError(f"export wrote pickled weights {bad[0]}; refusing to publish them")
-
-
-# ----------------------------------------------------------------------------- loading pipelines
-
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"'{path.parent}' has no {path.name}; it is not a complete {what}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"'{path}' is not valid JSON; the {what} is corrupt, export or download it again") from None
-    if not isinstance(data, dict):
-        raise UserError(f"'{path}' does not hold a JSON object; the {what} is corrupt, export or download it again")
-    return data
-
-
-def _network_class(library: str, name: str, where: str):
-    """The class of a saved network; only diffusers' and cmgen's own modules are imported."""
-    if not (library == "diffusers" or library == "cmgen" or library.startswith("cmgen.")):
-        raise UserError(f"'{where}' uses the network class {library}.{name}, which cmgen cannot load; "
-                        "pass a ConsistencyModelPipeline or a cmgen export")
-    try:
-        cls = getattr(importlib.import_module(library), name)
-    except (ImportError, AttributeError):
-        raise UserError(f"'{where}' needs the class {library}.{name}, which this cmgen/diffusers install does not "
-                        "have; upgrade cmgen or re-export the model") from None
-    return cls
-
-
-def _load_network(cls, folder: Path, where: str):
-    has = [p.name for p in folder.glob("diffusion_pytorch_model*")] if folder.is_dir() else []
-    if not any(".safetensors" in n for n in has):
-        found = f" (it has {', '.join(sorted(has))})" if has else ""
-        raise UserError(f"'{folder}' has no safetensors weights{found}; cmgen never unpickles, so convert "
-                        f"'{where}' with diffusers' save_pretrained(safe_serialization=True)")
-    try:
-        return cls.from_pretrained(folder, use_safetensors=True)
-    except (OSError, ValueError, RuntimeError) as exc:  # corrupt or mismatched files
-        raise UserError(f"diffusers could not load '{folder}' ({str(exc).splitlines()[0][:100]}); export or "
-                        "download it again") from None
-
-
-def read_pipeline_parts(path) -> tuple[dict, object, dict]:
-    """(model_index, network, scheduler config) of a consistency pipeline folder."""
-    folder = Path(path)
-    index = _read_json(folder / "model_index.json", "diffusers pipeline folder")
-    entry = index.get("unet")
-    if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(v, str) for v in entry)):
-        raise UserError(f"'{folder}' is a {index.get('_class_name', 'diffusers')} pipeline without a 'unet'; "
-                        "cmgen loads consistency-model pipelines (ConsistencyModelPipeline or a cmgen export)")
-    sched = _read_json(folder / "scheduler" / "scheduler_config.json", "diffusers pipeline folder")
-    if sched.get("_class_name") not in SCHEDULERS:
-        raise UserError(f"'{folder}' uses the scheduler {sched.get('_class_name')}, not a consistency-model "
-                        f"scheduler ({' or '.join(SCHEDULERS)}); cmgen cannot sample it")
-    network = _load_network(_network_class(*entry, str(folder)), folder / "unet", str(folder))
-    return index, network, sched
-
-
-def load_pipeline_model(path, device="cpu"):
-    """A diffusers consistency pipeline folder as a cmgen LoadedModel (for `cmgen sample` / `cmgen eval`)."""
-    from cmgen.models.unet import UNetBackbone
-    from cmgen.recipe import from_tree, read_yaml
-    from cmgen.runs import LoadedModel
-
-    folder = Path(path)
-    _, unet, sched = read_pipeline_parts(folder)
-    defaults = PrecondConfig()
-    precond = PrecondConfig(**{k: float(sched.get(k, getattr(defaults, k)))
-                               for k in ("sigma_min", "sigma_max", "sigma_data", "rho")})
-    model = ConsistencyDenoiser(UNetBackbone(unet), precond).to(device).eval()
-    cfg = unet.config
-    size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
-    info = _read_json(folder / EXPORT_FILE, "cmgen export") if (folder / EXPORT_FILE).is_file() else {}
-    shape = tuple(info.get("data_shape") or (cfg.in_channels, *size))
-    num_classes = int(info.get("num_classes", cfg.num_class_embeds or 0))
-    if (folder / RECIPE_FILE).is_file():
-        recipe = from_tree(read_yaml(folder / RECIPE_FILE))
-    else:
-        recipe = foreign_recipe(folder, unet, sched, precond, shape, num_classes)
-    return LoadedModel(model, recipe, shape, num_classes, info.get("data_kind", "image"), info.get("step"), folder)
-
-
-def foreign_sample_sigmas(sched: dict, p: PrecondConfig) -> list[float]:
-    """sigma_max, then the second sigma of the pipeline's own `num_inference_steps=2` call."""
-    from diffusers import CMStochasticIterativeScheduler
-
-    if sched.get("_class_name") == "CMGenScheduler":
-        return [float(s) for s in sched.get("sample_sigmas") or [p.sigma_max]]
-    if sched.get("num_train_timesteps", 40) < 3:
-        return [p.sigma_max]
-    scheduler = CMStochasticIterativeScheduler.from_config(sched)
-    scheduler.set_timesteps(2)
-    mid = float(scheduler.sigmas[1])
-    return [p.sigma_max, mid] if p.sigma_min < mid < p.sigma_max else [p.sigma_max]
-
-
-def foreign_recipe(folder: Path, unet, sched: dict, precond: PrecondConfig, shape, num_classes: int):
-    """A recipe describing a pipeline cmgen did not export: its noise levels and 1/2-step schedule;
-    the model section is descriptive, the UNet config stays authoritative."""
-    from cmgen.models.nsln import NsLNUNet2DModel
-    from cmgen.recipe import from_tree
-
-    cfg = unet.config
-    attn = [i for i, t in enumerate(cfg.down_block_types) if "Attn" in t]
-    tree = {
-        "name": folder.resolve().name, "method": {"name": "ict"},
-        "description": f"synthesised by cmgen from the diffusers pipeline {folder} (its UNet config is authoritative)",
-        "data": {"name": "random", "channels": shape[0], "resolution": shape[1], "num_classes": num_classes},
-        "model": {"arch": "unet", "block_out_channels": list(cfg.block_out_channels),
-                  "layers_per_block": cfg.layers_per_block, "attention_levels": attn,
-                  "attention_head_dim": cfg.attention_head_dim, "norm_num_groups": cfg.norm_num_groups,
-                  "norm": "nsln" if isinstance(unet, NsLNUNet2DModel) else "group",
-                  "class_conditional": bool(cfg.num_class_embeds)},
-        "precond": {"sigma_min": precond.sigma_min, "sigma_max": precond.sigma_max,
-                    "sigma_data": precond.sigma_data, "rho": precond.rho},
-        "sample": {"sigmas": foreign_sample_sigmas(sched, precond),
-                   "clip_denoised": bool(sched.get("clip_denoised", True))},
-    }
-    return from_tree(tree)
-
-
-# ----------------------------------------------------------------------------- import for fine-tuning
-
-# UNet config keys that may differ between the source and the recipe's model
-_FREE_CONFIG_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values", "dropout"}
-
-
-def load_init_weights(model: ConsistencyDenoiser, init_from: str) -> None:
-    """Load `model.init_from` (pipeline folder, UNet folder or cached hub id) into `model`'s UNet."""
-    from cmgen.runs import load_weights
-
-    unet = getattr(model.backbone, "unet", None)
-    if unet is None:
-        raise UserError("recipe key 'model.init_from' needs model.arch=unet; remove it for other architectures")
-    folder = resolve_init_source(init_from)
-    net_dir, sched = _network_folder(folder, init_from)
-    where = f"model.init_from '{init_from}'"
-    _check_same_network(_read_json(net_dir / "config.json", "diffusers UNet folder"), unet, where)
-    if sched is not None:
-        _check_same_precond(sched, model.cfg, where)
-    weights = _read_safetensors(net_dir, where)
-    load_weights(model, {f"backbone.unet.{k}": v for k, v in weights.items()}, where)
-
-
-def resolve_init_source(init_from: str) -> Path:
-    """A local folder, or the cached snapshot of a hub id; never downloads."""
-    path = Path(init_from).expanduser()
-    if path.exists():
-        return path
-    if not HUB_ID.match(init_from):
-        raise UserError(f"recipe key 'model.init_from' ('{init_from}') is neither an existing folder nor a hub id "
-                        "like openai/diffusers-ct_imagenet64; fix the path")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(init_from, local_files_only=True))
-    except Exception:  # any miss (not cached, bad cache) is the same fix for the user
-        raise UserError(f"recipe key 'model.init_from' names the hub id '{init_from}', which is not in the local "
-                        f"Hugging Face cache and cmgen never downloads; run `hf download {init_from}` once while "
-                        "online, or pass a local folder") from None
-
-
-def _network_folder(folder: Path, init_from: str) -> tuple[Path, Optional[dict]]:
-    """(folder holding config.json + weights, scheduler config or None) of a pipeline or UNet folder."""
-    if (folder / "model_index.json").is_file():
-        if "unet" not in _read_json(folder / "model_index.json", "diffusers pipeline folder"):
-            raise UserError(f"recipe key 'model.init_from' ('{init_from}') is a pipeline without a 'unet' "
-                            "component; pass a consistency-model pipeline or a UNet folder")
-        sched_file = folder / "scheduler" / "scheduler_config.json"
-        return folder / "unet", (_read_json(sched_file, "diffusers pipeline") if sched_file.is_file() else None)
-    if (folder / "config.json").is_file():
-        return folder, None
-    raise UserError(f"recipe key 'model.init_from' ('{init_from}') is not a diffusers pipeline folder "
-                    "(model_index.json) or UNet folder (config.json); point it at one of those")
-
-
-def _plain(value):
-    return json.loads(json.dumps(value))  # tuples -> lists, as in a saved config
-
-
-def _effective_config(cfg: dict) -> dict:
-    """Resolve the one default UNet2DModel decides itself, so equal networks compare equal."""
-    if cfg.get("attn_norm_num_groups") is None and "norm_num_groups" in cfg:
-        # None = the mid-block attention normalises with norm_num_groups, but only for "default" time shift
-        scale_shift = cfg.get("resnet_time_scale_shift", "default") != "default"
-        cfg = {**cfg, "attn_norm_num_groups": None if scale_shift else cfg["norm_num_groups"]}
-    return cfg
-
-
-def _check_same_network(theirs: dict, unet, where: str) -> None:
-    ours_class = type(unet).__name__
-    their_class = theirs.get("_class_name", ours_class)
-    if their_class != ours_class:
-        hint = "set model.norm=nsln" if their_class == "NsLNUNet2DModel" else "set model.norm=group"
-        raise UserError(f"{where} holds a {their_class} but the recipe builds a {ours_class}; {hint}")
-    ours, theirs = _effective_config(dict(unet.config)), _effective_config(theirs)
-    for key, value in theirs.items():
-        if key in _FREE_CONFIG_KEYS or key not in ours:
-            continue
-        if _plain(value) != _plain(ours[key]):
-            raise UserError(f"{where} holds a UNet with {key}={_plain(value)!r} but the recipe builds "
-                            f"{key}={_plain(ours[key])!r}; set the matching model.* keys (e.g. model.preset)")
-
-
-def _check_same_precond(sched: dict, p: PrecondConfig, where: str) -> None:
-    for key in ("sigma_min", "sigma_max", "sigma_data"):
-        if key in sched and not np.isclose(float(sched[key]), getattr(p, key), rtol=1e-6, atol=0):
-            raise UserError(f"{where} was trained with {key}={sched[key]} but the recipe has "
-                            f"precond.{key}={getattr(p, key)}; set precond.{key}={sched[key]}")
-
-
-def _read_safetensors(folder: Path, where: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    files = ([folder / f for f in sorted(set(_read_json(index, "sharded checkpoint")["weight_map"].values()))]
-             if index.is_file() else [folder / "diffusion_pytorch_model.safetensors"])
-    if not all(f.is_file() for f in files):
-        raise UserError(f"{where} has no diffusion_pytorch_model.safetensors in '{folder}'; cmgen never unpickles "
-                        ".bin weights, so re-save them with diffusers' save_pretrained(safe_serialization=True)")
-    weights = {}
-    for f in files:
-        try:
-            weights.update(load_file(str(f)))
-        except Exception as exc:  # safetensors raises several types for a damaged file
-            raise UserError(f"{where}: '{f}' is not a valid safetensors file ({str(exc).splitlines()[0][:80]}); "
-                            "download or export it again") from None
-    return weights
 
 
 # ----------------------------------------------------------------------------- model card

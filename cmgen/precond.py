@@ -1,9 +1,14 @@
-"""EDM/CM preconditioning shared by every method and every sampler.
+"""The parameterisations every method and sampler share, each in one place.
 
-f(x, sigma) = c_skip(sigma) * x + c_out(sigma) * F(c_in(sigma) * x, c_noise(sigma))
-with the boundary-shifted c_skip/c_out of Song et al. 2023 (CM, eq. 7 and App. C), so
-f(x, sigma_min) = x exactly. c_noise = 1000 * 0.25 * ln(sigma) is the convention of
-diffusers' CMStochasticIterativeScheduler, so a UNet trained here exports unchanged.
+- consistency (`cm`): f(x, sigma) = c_skip x + c_out F(c_in x, c_noise) with the boundary-shifted
+  c_skip/c_out of Song et al. 2023 (CM, eq. 7 and App. C), so f(x, sigma_min) = x exactly;
+- EDM denoiser (`edm`): D(x, sigma) with Karras et al. 2022 (Table 1) scalings,
+  c_skip = sigma_d^2/(sigma^2+sigma_d^2), c_out = sigma sigma_d/sqrt(sigma^2+sigma_d^2);
+- flow velocity (`flow`): v(x, t) = F(x, 1000 t), x_t = (1 - t) x_0 + t eps (SD3's timestep scale).
+
+c_noise follows the backbone convention named by `precond.c_noise`: `cm` = 1000 * 0.25 ln(sigma), the
+convention of diffusers' CMStochasticIterativeScheduler (so a UNet trained here exports unchanged);
+`edm` = 0.25 ln(sigma), EDM's and diffusers' EDMEulerScheduler's.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ class PrecondConfig:
     sigma_max: float = 80.0
     sigma_data: float = 0.5
     rho: float = 7.0
+    c_noise: str = "cm"             # cm: 250 ln(sigma) | edm: 0.25 ln(sigma)
 
 
 def c_skip(sigma, sigma_min: float, sigma_data: float):
@@ -33,9 +39,29 @@ def c_in(sigma, sigma_data: float):
     return 1.0 / (sigma**2 + sigma_data**2) ** 0.5
 
 
-def c_noise(sigma):
-    # diffusers: 1000 * 0.25 * log(sigma + 1e-44)
+def c_noise(sigma, convention: str = "cm"):
+    # diffusers: 1000 * 0.25 * log(sigma + 1e-44) (CM), 0.25 * log(sigma) (EDMEulerScheduler)
+    if convention == "edm":
+        return 0.25 * torch.log(sigma)
     return 250.0 * torch.log(sigma + 1e-44)
+
+
+def edm_c_skip(sigma, sigma_data: float):
+    return sigma_data**2 / (sigma**2 + sigma_data**2)
+
+
+def edm_c_out(sigma, sigma_data: float):
+    return sigma * sigma_data / (sigma**2 + sigma_data**2) ** 0.5
+
+
+def edm_loss_weight(sigma, sigma_data: float):
+    """lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 = 1 / c_out^2 (EDM eq. 8, Table 1)."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def _per_sample(sigma, x: torch.Tensor) -> torch.Tensor:
+    sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
+    return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
 
 
 def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -56,10 +82,44 @@ class ConsistencyDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels=None) -> torch.Tensor:
         cfg = self.cfg
-        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(x.shape[0])
+        sigma = _per_sample(sigma, x)
         s = _expand(sigma, x)
         x32 = x.float()
-        out = self.backbone((c_in(s, cfg.sigma_data) * x32), c_noise(sigma), class_labels)
+        out = self.backbone((c_in(s, cfg.sigma_data) * x32), c_noise(sigma, cfg.c_noise), class_labels)
         return c_skip(s, cfg.sigma_min, cfg.sigma_data) * x32 + c_out(s, cfg.sigma_min, cfg.sigma_data) * out.float()
+
+
+class EDMDenoiser(nn.Module):
+    """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise, y) with EDM's unshifted scalings (D(x, 0) = x)."""
+
+    def __init__(self, backbone: nn.Module, cfg: PrecondConfig = PrecondConfig()):
+        super().__init__()
+        self.backbone = backbone
+        self.cfg = cfg
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels=None) -> torch.Tensor:
+        sd = self.cfg.sigma_data
+        sigma = _per_sample(sigma, x)
+        s = _expand(sigma, x)
+        x32 = x.float()
+        out = self.backbone(c_in(s, sd) * x32, c_noise(sigma, self.cfg.c_noise), class_labels)
+        return edm_c_skip(s, sd) * x32 + edm_c_out(s, sd) * out.float()
+
+
+FLOW_TIME_SCALE = 1000.0  # the backbone sees 1000 t, as SD3 and FlowMatchEulerDiscreteScheduler do
+
+
+class FlowVelocity(nn.Module):
+    """v(x, t) = F(x, 1000 t, y): the velocity eps - x_0 of x_t = (1 - t) x_0 + t eps, t in [0, 1]."""
+
+    def __init__(self, backbone: nn.Module, cfg: PrecondConfig = PrecondConfig()):
+        super().__init__()
+        self.backbone = backbone
+        self.cfg = cfg
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels=None) -> torch.Tensor:
+        t = _per_sample(t, x)
+        return self.backbone(x.float(), FLOW_TIME_SCALE * t, class_labels).float()
+
+
+NETWORKS = {"cm": ConsistencyDenoiser, "edm": EDMDenoiser, "flow": FlowVelocity}

@@ -82,8 +82,13 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    sigmas: tuple[float, ...] = (80.0, 0.821)   # two-step schedule; the first entry is sigma_max
-    clip_denoised: bool = True
+    sigmas: tuple[float, ...] = (80.0, 0.821)   # consistency models: the first entry is sigma_max
+    clip_denoised: bool = True      # consistency models: clamp each estimate to [-1, 1] (images)
+    sampler: Optional[str] = None   # default sampler (cm: multistep, edm: heun, flow: euler)
+    steps: int = 1                  # `cmgen sample` without --steps
+    churn: float = 0.0              # edm heun: S_churn (0 = deterministic Algorithm 1)
+    shift: float = 1.0              # flow: SD3 timestep shift of the sampling times
+    sde_a: float = 0.7              # flow sde: sigma_t = a sqrt(t / (1 - t))
 
 
 @dataclass(frozen=True)
@@ -333,6 +338,17 @@ def validate(r: Recipe) -> None:
          f"recipe key 'eval.steps' must be step counts of 1 or more, got {list(e.steps)}")
     p = r.precond
     need(0 < p.sigma_min < p.sigma_max, "recipe keys 'precond.sigma_min' < 'precond.sigma_max' must both be positive")
+    need(p.c_noise in ("cm", "edm"), f"recipe key 'precond.c_noise' must be cm or edm, got '{p.c_noise}'")
+    from cmgen.methods import method_class
+    from cmgen.sampling.registry import SAMPLERS
+
+    param = method_class(r).parameterisation
+    need(r.sample.sampler is None or r.sample.sampler in SAMPLERS[param],
+         f"recipe key 'sample.sampler' must be one of {', '.join(SAMPLERS[param])} for method "
+         f"'{type(r.method).__module__.rsplit('.', 1)[-1]}', got '{r.sample.sampler}'")
+    need(r.sample.steps >= 1, "recipe key 'sample.steps' must be at least 1")
+    need(r.sample.shift > 0 and r.sample.churn >= 0 and r.sample.sde_a > 0,
+         "recipe keys 'sample.shift' and 'sample.sde_a' must be positive and 'sample.churn' at least 0")
     s = r.sample.sigmas
     need(len(s) >= 1 and all(p.sigma_min < v <= p.sigma_max for v in s) and list(s) == sorted(s, reverse=True),
          f"recipe key 'sample.sigmas' must be decreasing values in (sigma_min, sigma_max], got {list(s)}")

@@ -30,8 +30,9 @@ class BatchRNG:
     """
 
     def __init__(self, seed: int, step: int, global_batch: int, offset: int, count: int, device="cpu",
-                 dropout_key=()):
+                 dropout_key=(), stream=None):
         self.seed, self.step = seed, step
+        self.stream = () if stream is None else (stream,)  # e.g. a second phase's own draws
         self.global_batch, self.offset, self.count = global_batch, offset, count
         self.device = torch.device(device)
         self._draws = 0
@@ -39,7 +40,7 @@ class BatchRNG:
 
     def _gen(self) -> torch.Generator:
         self._draws += 1
-        return keyed_generator(self.seed, self.step, "draw", self._draws)
+        return keyed_generator(self.seed, self.step, *self.stream, "draw", self._draws)
 
     def _slice(self, t: torch.Tensor) -> torch.Tensor:
         return t[self.offset:self.offset + self.count].to(self.device, non_blocking=True)

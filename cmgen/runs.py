@@ -1,7 +1,7 @@
-"""Finding and loading trained models: a run folder, a checkpoint folder or a diffusers pipeline."""
+"""Loading trained models as Generators: a run folder, a checkpoint folder or a diffusers pipeline
+folder (a cmgen export or a foreign consistency pipeline)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -9,17 +9,12 @@ import torch
 
 from cmgen.checkpoint import list_checkpoints, load_tensors, read_state
 from cmgen.errors import UserError
+from cmgen.generator import Generator
+from cmgen.precond import PrecondConfig
+from cmgen.pretrained import load_weights, read_pipeline_parts, _read_json
 
-
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module           # the consistency function f(x, sigma, labels), eval mode
-    recipe: object                   # the recipe it was trained with
-    shape: tuple[int, ...]
-    num_classes: int
-    kind: str                        # image | points
-    step: Optional[int]
-    source: Path
+RECIPE_FILE = "cmgen_recipe.yaml"     # the run's resolved recipe, stored beside an exported pipeline
+EXPORT_FILE = "cmgen_export.json"     # step, data shape, classes and the 2-step grid index
 
 
 def resolve_checkpoint(path) -> Path:
@@ -39,37 +34,84 @@ def is_pipeline_dir(path) -> bool:
     return (Path(path) / "model_index.json").is_file()
 
 
-def load_model(path, ema: bool = True, device="cpu") -> LoadedModel:
-    """Load a run, checkpoint or diffusers pipeline folder as a consistency function."""
+def load_model(path, ema: bool = True, device="cpu") -> Generator:
+    """Load a run, checkpoint or diffusers pipeline folder as a Generator in eval mode."""
     if is_pipeline_dir(path):
-        from cmgen.export import load_pipeline_model
-
         return load_pipeline_model(path, device=device)
-    from cmgen.models import build_denoiser
     from cmgen.recipe import from_tree, read_yaml
 
     ckpt = resolve_checkpoint(path)
     state = read_state(ckpt)
     recipe = from_tree(read_yaml(ckpt / "recipe.yaml"))
-    shape, num_classes = tuple(state["data_shape"]), int(state["num_classes"])
-    model = build_denoiser(recipe, shape, num_classes)
+    gen = Generator.build(recipe, tuple(state["data_shape"]), int(state["num_classes"]),
+                          state.get("data_kind", "image"), step=state["step"], source=ckpt)
+    if recipe.model.init_from:  # frozen weights (a LoRA base) are not in checkpoints
+        from cmgen.pretrained import load_init_weights
+        load_init_weights(gen.net, recipe.model.init_from)
     weights = load_tensors(ckpt / ("ema.safetensors" if ema else "model.safetensors"))
-    load_weights(model, weights, str(ckpt))
-    model.to(device).eval()
-    return LoadedModel(model, recipe, shape, num_classes, state.get("data_kind", "image"), state["step"], ckpt)
+    load_weights(gen.net, weights, str(ckpt))
+    return gen.to(device).eval()
 
 
-def load_weights(model: torch.nn.Module, weights: dict, where: str) -> None:
-    """Strict load with a one-line error when names or shapes do not fit the recipe's model."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    if missing or unexpected:
-        name = (missing or unexpected)[0]
-        raise UserError(f"weights in '{where}' do not fit the recipe's model ({len(missing)} missing, "
-                        f"{len(unexpected)} unexpected, e.g. '{name}'); check model.* in the recipe")
-    for k, v in weights.items():
-        if own[k].shape != v.shape:
-            raise UserError(f"weights in '{where}' do not fit the recipe's model: '{k}' has shape "
-                            f"{tuple(v.shape)}, the recipe builds {tuple(own[k].shape)}; check model.* in the recipe")
-    model.load_state_dict(weights)
+def load_pipeline_model(path, device="cpu"):
+    """A diffusers consistency pipeline folder as a Generator (for `cmgen sample` / `cmgen eval`)."""
+    from cmgen.models.unet import UNetBackbone
+    from cmgen.precond import ConsistencyDenoiser
+    from cmgen.recipe import from_tree, read_yaml
+
+    folder = Path(path)
+    _, unet, sched = read_pipeline_parts(folder)
+    defaults = PrecondConfig()
+    precond = PrecondConfig(**{k: float(sched.get(k, getattr(defaults, k)))
+                               for k in ("sigma_min", "sigma_max", "sigma_data", "rho")})
+    model = ConsistencyDenoiser(UNetBackbone(unet), precond).to(device).eval()
+    cfg = unet.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
+    info = _read_json(folder / EXPORT_FILE, "cmgen export") if (folder / EXPORT_FILE).is_file() else {}
+    shape = tuple(info.get("data_shape") or (cfg.in_channels, *size))
+    num_classes = int(info.get("num_classes", cfg.num_class_embeds or 0))
+    if (folder / RECIPE_FILE).is_file():
+        recipe = from_tree(read_yaml(folder / RECIPE_FILE))
+    else:
+        recipe = foreign_recipe(folder, unet, sched, precond, shape, num_classes)
+    return Generator(model, recipe, shape, num_classes, info.get("data_kind", "image"), step=info.get("step"),
+                     source=folder)
+
+
+def foreign_sample_sigmas(sched: dict, p: PrecondConfig) -> list[float]:
+    """sigma_max, then the second sigma of the pipeline's own `num_inference_steps=2` call."""
+    from diffusers import CMStochasticIterativeScheduler
+
+    if sched.get("_class_name") == "CMGenScheduler":
+        return [float(s) for s in sched.get("sample_sigmas") or [p.sigma_max]]
+    if sched.get("num_train_timesteps", 40) < 3:
+        return [p.sigma_max]
+    scheduler = CMStochasticIterativeScheduler.from_config(sched)
+    scheduler.set_timesteps(2)
+    mid = float(scheduler.sigmas[1])
+    return [p.sigma_max, mid] if p.sigma_min < mid < p.sigma_max else [p.sigma_max]
+
+
+def foreign_recipe(folder: Path, unet, sched: dict, precond: PrecondConfig, shape, num_classes: int):
+    """A recipe describing a pipeline cmgen did not export: its noise levels and 1/2-step schedule;
+    the model section is descriptive, the UNet config stays authoritative."""
+    from cmgen.models.nsln import NsLNUNet2DModel
+    from cmgen.recipe import from_tree
+
+    cfg = unet.config
+    attn = [i for i, t in enumerate(cfg.down_block_types) if "Attn" in t]
+    tree = {
+        "name": folder.resolve().name, "method": {"name": "ict"},
+        "description": f"synthesised by cmgen from the diffusers pipeline {folder} (its UNet config is authoritative)",
+        "data": {"name": "random", "channels": shape[0], "resolution": shape[1], "num_classes": num_classes},
+        "model": {"arch": "unet", "block_out_channels": list(cfg.block_out_channels),
+                  "layers_per_block": cfg.layers_per_block, "attention_levels": attn,
+                  "attention_head_dim": cfg.attention_head_dim, "norm_num_groups": cfg.norm_num_groups,
+                  "norm": "nsln" if isinstance(unet, NsLNUNet2DModel) else "group",
+                  "class_conditional": bool(cfg.num_class_embeds)},
+        "precond": {"sigma_min": precond.sigma_min, "sigma_max": precond.sigma_max,
+                    "sigma_data": precond.sigma_data, "rho": precond.rho},
+        "sample": {"sigmas": foreign_sample_sigmas(sched, precond),
+                   "clip_denoised": bool(sched.get("clip_denoised", True))},
+    }
+    return from_tree(tree)

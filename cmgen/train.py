@@ -1,17 +1,19 @@
 """The one training loop (accelerate): every method runs through it unchanged.
 
-Per optimizer step: for each micro-batch, the method's loss on this process's slice of the
-global batch; a non-finite check across processes; backward with accumulation; clip; step;
-EMA. All randomness is keyed by (seed, step) (cmgen.rng), so a resumed or multi-process
-run draws what a straight single-process run draws.
+Per optimizer step: the micro-batches of this process's slice of the global batch, the method's
+`collect` once (rollouts, rewards), then for each phase the method names (cmgen.methods.base):
+the loss per micro-batch with accumulation, one non-finite check across processes, clip, that
+part's optimizer step, its EMA and, after a model step, the target networks. All randomness is
+keyed by (seed, step, phase) (cmgen.rng), so a resumed or multi-process run draws what a straight
+single-process run draws.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
-import math
 import os
 import warnings
 from pathlib import Path
@@ -21,9 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from cmgen import checkpoint as ckpt_io
-from cmgen.ema import EMA
+from cmgen import state as state_io
+from cmgen.ema import EMA, TargetNetwork
 from cmgen.errors import UserError
-from cmgen.recipe import Recipe, dump_recipe, from_tree, read_yaml
+from cmgen.recipe import Recipe, dump_recipe
 
 log = logging.getLogger("cmgen")
 
@@ -82,6 +85,15 @@ def _check_writable(out: Path) -> None:
         raise UserError(f"output folder '{out}' cannot be written ({exc.strerror}); pass a writable --out") from None
 
 
+@dataclasses.dataclass
+class TrainPart:
+    """A trainable network with its optimizer (settings and instance) and optional evaluation EMA."""
+    module: torch.nn.Module
+    optim: object
+    optimizer: object
+    ema: Optional[EMA]
+
+
 class Trainer:
     """Owns the state of one run; `run()` trains to recipe.train.steps (or `stop_after` steps)."""
 
@@ -89,12 +101,15 @@ class Trainer:
                  progress: bool = True):
         from accelerate import Accelerator
 
-        self.smoke = smoke
-        self.progress = progress
-        out_dir = Path(out_dir)
-        resume_ckpt = self._find_resume(out_dir, resume)
+        from cmgen.data import training_data
+        from cmgen.generator import Generator
+        from cmgen.methods import Dist, Nets, build_method
+        from cmgen.rng import IndexSampler
+
+        self.smoke, self.progress, self.out = smoke, progress, Path(out_dir)
+        resume_ckpt = state_io.find_resume(self.out, resume)
         if resume_ckpt is not None:
-            recipe = self._resume_recipe(recipe, resume_ckpt)
+            recipe = state_io.check_resume_recipe(recipe, resume_ckpt)
         self.recipe = r = recipe
         t = r.train
 
@@ -111,191 +126,126 @@ class Trainer:
         if t.mixed_precision == "fp16" and self.device.type == "cpu":
             warnings.warn("train.mixed_precision=fp16 has no effect on the CPU (accelerate runs fp32 there); "
                           "use bf16 to exercise autocast on the CPU", stacklevel=2)
-        self.out = out_dir
         if self.is_main:
-            _check_writable(out_dir)
+            _check_writable(self.out)
         acc.wait_for_everyone()
 
-        from cmgen.data import Dataset, load_dataset, random_images, shape_of
-
-        if smoke:
-            shape, ncls, kind = shape_of(r.data)
-            if kind == "points":
-                from cmgen.data import toy2d
-                self.data = toy2d(r.data.toy, 256, t.seed)
-            else:
-                self.data = random_images(shape[0], shape[1], ncls, n=max(8, t.batch_size), seed=t.seed)
-            self.holdout: Optional[Dataset] = None
-        else:
-            self.data, self.holdout = load_dataset(r.data, t.seed)
-        if r.model.class_conditional and not self.data.num_classes:
-            raise UserError("recipe key 'model.class_conditional' is true but the data have no labels")
-
-        from cmgen.methods import build_method
-        from cmgen.models import build_denoiser
-        from cmgen.rng import IndexSampler
-
+        self.data, self.holdout = training_data(r, smoke)
         torch.manual_seed(t.seed)  # initial weights: the only use of the global RNG
-        model = build_denoiser(r, self.data.shape, self.data.num_classes)
+        self.gen = Generator.build(r, self.data.shape, self.data.num_classes, self.data.kind)
         if r.model.init_from and resume_ckpt is None:
-            from cmgen.export import load_init_weights
-            load_init_weights(model, r.model.init_from)
-        self.method = build_method(r, self.data.shape)
+            from cmgen.pretrained import load_init_weights
+            load_init_weights(self.gen.net, r.model.init_from)
+        self.method = build_method(r, self.gen)
         self.sampler = IndexSampler(len(self.data), t.seed)
-        optimizer = make_optimizer(model.parameters(), r.optim)
-        self.ema = EMA(model, t.ema_decay)
-        self.step = 0
-        self.nonfinite = 0
-        self.pending: dict[str, float] = {}
-        self.pending_n = 0
-        self.last_eval: dict = {}
+        self.parts = {"model": self._part(self.gen.net, r.optim, t.ema_decay)}
+        for name, part in self.method.parts().items():
+            self.parts[name] = self._part(part.module, part.optim, part.ema_decay)
+        self.targets = {name: TargetNetwork(self.gen.net, decay) for name, decay in self.method.targets().items()}
+        self.step, self.nonfinite, self.pending, self.pending_n, self.last_eval = 0, 0, {}, 0, {}
+        self.scaler_state = None
         if resume_ckpt is not None:
-            self._load(resume_ckpt, model, optimizer)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
-        scaler_state = getattr(self, "_scaler_state", None)
-        if scaler_state and getattr(acc, "scaler", None) is not None:
-            acc.scaler.load_state_dict(scaler_state)
-        self._eval_model = None
+            state_io.read(self, resume_ckpt)
+        for part in self.parts.values():
+            part.module, part.optimizer = acc.prepare(part.module, part.optimizer)
+        self.model, self.optimizer = self.parts["model"].module, self.parts["model"].optimizer
+        if self.scaler_state and getattr(acc, "scaler", None) is not None:
+            acc.scaler.load_state_dict(self.scaler_state)
+        frozen = {name: net.to(self.device).eval().requires_grad_(False) for name, net in self.method.frozen().items()}
+        for target in self.targets.values():
+            target.module.to(self.device)
+        self.nets = Nets({name: part.module for name, part in self.parts.items()}
+                         | {name: target.module for name, target in self.targets.items()} | frozen)
+        self.dist = Dist(acc)
+        self._eval_gen = None
         self._data_on_device = self.data.x.to(self.device) if self.data.x.numel() * 4 < 2**30 else None
 
-    # ------------------------------------------------------------------ resume
     @staticmethod
-    def _find_resume(out_dir: Path, resume: Optional[str]) -> Optional[Path]:
-        if resume is None:
-            if ckpt_io.list_checkpoints(out_dir):
-                raise UserError(f"run folder '{out_dir}' already holds checkpoints; pass --resume auto to continue "
-                                "it or --out a new folder")
-            return None
-        if resume == "auto":
-            found = ckpt_io.list_checkpoints(out_dir)
-            return found[-1] if found else None
-        from cmgen.runs import resolve_checkpoint
-        return resolve_checkpoint(resume)
+    def _part(module, optim_cfg, ema_decay) -> TrainPart:
+        params = [p for p in module.parameters() if p.requires_grad]
+        return TrainPart(module, optim_cfg, make_optimizer(params, optim_cfg),
+                         EMA(module, ema_decay) if ema_decay is not None else None)
 
-    # keys that may differ between a run and its resumption; anything else must match
-    RESUMABLE = ("train.steps", "train.checkpoint_every", "train.keep_last", "train.log_every",
-                 "train.sample_every", "train.sample_n", "train.max_nonfinite", "train.threads", "eval.")
-
-    def _resume_recipe(self, recipe: Recipe, ckpt: Path) -> Recipe:
-        from cmgen.recipe import recipe_to_dict
-
-        saved = from_tree(read_yaml(ckpt / "recipe.yaml"))
-        new, old = recipe_to_dict(recipe), recipe_to_dict(saved)
-
-        def flat(d, prefix=""):
-            for k, v in d.items():
-                key = f"{prefix}{k}"
-                if isinstance(v, dict):
-                    yield from flat(v, key + ".")
-                else:
-                    yield key, v
-
-        fo, fn = dict(flat(old)), dict(flat(new))
-        for key, value in fn.items():
-            if key in ("name", "description"):
-                continue
-            if fo.get(key) != value and not any(key == k or (k.endswith(".") and key.startswith(k))
-                                                 for k in self.RESUMABLE):
-                raise UserError(f"recipe key '{key}' is {value!r} but the checkpoint '{ckpt}' was trained with "
-                                f"{fo.get(key)!r}; resume with the same recipe or start a new --out")
-        return recipe
-
-    def _load(self, ckpt: Path, model, optimizer) -> None:
-        from cmgen.runs import load_weights
-
-        state = ckpt_io.read_state(ckpt)
-        if tuple(state["data_shape"]) != tuple(self.data.shape):
-            raise UserError(f"checkpoint '{ckpt}' was trained on data of shape {state['data_shape']}, "
-                            f"the recipe's data have {list(self.data.shape)}")
-        load_weights(model, ckpt_io.load_tensors(ckpt / "model.safetensors"), str(ckpt))
-        self.ema.load_state_dict(ckpt_io.load_tensors(ckpt / "ema.safetensors"))
-        opt_meta = json.loads((ckpt / "optimizer.json").read_text())
-        optimizer.load_state_dict(ckpt_io.optimizer_from_flat(ckpt_io.load_tensors(ckpt / "optimizer.safetensors"),
-                                                              opt_meta))
-        self.step = int(state["step"])
-        self.nonfinite = int(state.get("nonfinite", 0))
-        self.pending = dict(state.get("pending", {}))
-        self.pending_n = int(state.get("pending_n", 0))
-        self.last_eval = dict(state.get("last_eval", {}))
-        self._scaler_state = state.get("scaler")
-        if self.is_main:
-            self._truncate_metrics(self.step)
-            log.info("resumed from %s at step %d", ckpt, self.step)
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines a crashed run wrote after its last checkpoint."""
-        path = self.out / "metrics.jsonl"
-        if not path.exists():
-            return
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(l + "\n" for l in keep))
-        os.replace(tmp, path)
-
-    # ------------------------------------------------------------------ saving
     def save(self) -> Path:
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        path = None
-        if self.is_main:
-            model = acc.unwrap_model(self.model)
-            weights = model.state_dict()
-            ema = dict(weights) | self.ema.state_dict()
-            opt_tensors, opt_meta = ckpt_io.optimizer_to_flat(self.optimizer.optimizer.state_dict()
-                                                              if hasattr(self.optimizer, "optimizer")
-                                                              else self.optimizer.state_dict())
-            scaler = getattr(acc, "scaler", None)
-            state = {"step": self.step, "nonfinite": self.nonfinite, "pending": self.pending,
-                     "pending_n": self.pending_n, "last_eval": self.last_eval,
-                     "data_shape": list(self.data.shape), "num_classes": self.data.num_classes,
-                     "data_kind": self.data.kind,
-                     "scaler": None if scaler is None else {k: (v.item() if torch.is_tensor(v) else v)
-                                                             for k, v in scaler.state_dict().items()}}
-            path = ckpt_io.save_checkpoint(
-                self.out, self.step, {"model": weights, "ema": ema, "optimizer": opt_tensors}, state,
-                dump_recipe(self.recipe), extra_files={"optimizer.json": json.dumps(opt_meta)})
-            ckpt_io.prune_checkpoints(self.out, self.recipe.train.keep_last)
-        acc.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
+        path = state_io.write(self) if self.is_main else None
+        self.accelerator.wait_for_everyone()
         return path
 
     # ------------------------------------------------------------------ one step
+    def _rng(self, micro_idx: int, phase: str):
+        from cmgen.rng import BatchRNG
+
+        t = self.recipe.train
+        offset = (micro_idx * self.world + self.rank) * self.micro
+        stream = None if phase == "model" else phase
+        key = (self.rank, micro_idx) if stream is None else (self.rank, micro_idx, phase)
+        return BatchRNG(t.seed, self.step, t.batch_size, offset, self.micro, self.device, dropout_key=key,
+                        stream=stream)
+
     def _batch(self, micro_idx: int):
+        from cmgen.methods import Batch
+
         t = self.recipe.train
         offset = (micro_idx * self.world + self.rank) * self.micro
         idx = self.sampler.indices(self.step, t.batch_size, offset, self.micro)
         src = self._data_on_device if self._data_on_device is not None else self.data.x
         x = src[idx.to(src.device)].to(self.device, non_blocking=True)
-        y = None
-        if self.recipe.model.class_conditional:
-            y = self.data.labels[idx].to(self.device)
-        from cmgen.rng import BatchRNG
-
-        rng = BatchRNG(t.seed, self.step, t.batch_size, offset, self.micro, self.device,
-                       dropout_key=(self.rank, micro_idx))
+        y = self.data.labels[idx].to(self.device) if self.gen.conditional else None
+        rng = self._rng(micro_idx, "model")
         if self.recipe.data.hflip and x.ndim == 4:
             flip = rng.rand() < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-        return x, y, rng
+        return Batch(x, y, rng)
 
     def train_step(self) -> Optional[dict]:
-        """One optimizer step. Returns the step's (process-averaged) loss terms, or None if skipped."""
-        acc, t = self.accelerator, self.recipe.train
-        lr = lr_at(self.step, self.recipe.optim)
-        for g in self.optimizer.param_groups:
+        """One optimizer step of every phase. Returns the step's (process-averaged) loss terms, or None if
+        every phase was skipped as non-finite."""
+        t = self.recipe.train
+        batches = [self._batch(m) for m in range(t.grad_accum)]
+        with torch.no_grad():
+            batches = self.method.collect(batches, self.nets, self.step, self.dist)
+        out, bad_terms = {}, []
+        for phase in self.method.phases(self.step):
+            if phase not in self.parts:
+                raise UserError(f"method phase '{phase}' names no trainable part (known: {', '.join(self.parts)})")
+            if phase != "model":
+                batches = [dataclasses.replace(b, rng=self._rng(m, phase), phase=phase) for m, b in enumerate(batches)]
+            terms, bad = self._phase_step(phase, batches)
+            prefix = "" if phase == "model" else f"{phase}/"
+            if bad is not None:
+                bad_terms.append(prefix + bad)
+            else:
+                out |= {prefix + k: v for k, v in terms.items()}
+        if bad_terms:
+            self.nonfinite += 1
+            name = bad_terms[0]
+            warnings.warn(f"step {self.step}: loss term '{name}' is not finite; step skipped "
+                          f"({self.nonfinite} in a row, the run stops at {t.max_nonfinite})", stacklevel=2)
+            if self.nonfinite >= t.max_nonfinite:
+                raise NonFiniteLoss(f"{self.nonfinite} non-finite losses in a row (last: term '{name}' at step "
+                                    f"{self.step}); lower optim.lr or use bf16 instead of fp16; the last good "
+                                    "checkpoint is intact")
+        else:
+            self.nonfinite = 0
+        self.step += 1
+        return out or None
+
+    def _phase_step(self, phase: str, batches) -> tuple[dict, Optional[str]]:
+        """Accumulate one part's gradients over the micro-batches and step its optimizer.
+        Returns (averaged terms with 'lr', None) or ({}, name of the non-finite term)."""
+        acc, t, part = self.accelerator, self.recipe.train, self.parts[phase]
+        lr = lr_at(self.step, part.optim)
+        for g in part.optimizer.param_groups:
             g["lr"] = lr
+        for other in self.parts.values():  # a phase's loss may reach other parts: only its own grads count
+            other.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
-        for m in range(t.grad_accum):
-            x, y, rng = self._batch(m)
-            sync = m == t.grad_accum - 1
-            ctx = acc.no_sync(self.model) if not sync and self.world > 1 else contextlib.nullcontext()
+        for m, batch in enumerate(batches):
+            sync = m == len(batches) - 1
+            ctx = acc.no_sync(part.module) if not sync and self.world > 1 else contextlib.nullcontext()
             with ctx:
-                terms = self.method.loss(self.model, x, y, self.step, rng)
+                terms = self.method.loss(self.nets, batch, self.step)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float() / t.grad_accum
                 # always backward, even on a non-finite loss: every process must join DDP's gradient
@@ -308,58 +258,53 @@ class Trainer:
         if self.world > 1:
             vec = acc.reduce(vec, reduction="sum")
             vec[:-1] /= self.world
-        any_bad = vec[-1].item() > 0
-        if any_bad:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite += 1
+        if vec[-1].item() > 0:
+            part.optimizer.zero_grad(set_to_none=True)
             bad = [k for k, b in zip(keys, local_bad.tolist()) if b]
             # name the specific term, not just the total
-            name = next((k for k in bad if k != "loss"), bad[0]) if bad else "a loss term on another process"
-            warnings.warn(f"step {self.step}: loss term '{name}' is not finite; step skipped "
-                          f"({self.nonfinite} in a row, the run stops at {t.max_nonfinite})", stacklevel=2)
-            if self.nonfinite >= t.max_nonfinite:
-                raise NonFiniteLoss(f"{self.nonfinite} non-finite losses in a row (last: term '{name}' at step {self.step}); "
-                                    "lower optim.lr or use bf16 instead of fp16; the last good checkpoint is intact")
-            self.step += 1
-            return None
-        self.nonfinite = 0
-        if self.recipe.optim.grad_clip > 0:
-            acc.clip_grad_norm_(self.model.parameters(), self.recipe.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if not acc.optimizer_step_was_skipped:
-            self.ema.update(acc.unwrap_model(self.model))
-        self.step += 1
-        out = {k: float(v) for k, v in zip(keys, vec[:-1].tolist())}
-        out["lr"] = lr
-        return out
+            return {}, (next((k for k in bad if k != "loss"), bad[0]) if bad else "a loss term on another process")
+        if part.optim.grad_clip > 0:
+            acc.clip_grad_norm_(part.module.parameters(), part.optim.grad_clip)
+        part.optimizer.step()
+        part.optimizer.zero_grad(set_to_none=True)
+        if not part.optimizer.step_was_skipped:
+            module = acc.unwrap_model(part.module)
+            if part.ema is not None:
+                part.ema.update(module)
+            if phase == "model":
+                for target in self.targets.values():
+                    target.update(module, self.step)
+        return {k: float(v) for k, v in zip(keys, vec[:-1].tolist())} | {"lr": lr}, None
 
     # ------------------------------------------------------------------ outputs
-    def eval_model(self):
-        """A copy of the network holding the EMA weights, in eval mode."""
-        if self._eval_model is None:
-            self._eval_model = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval()
-        self.ema.copy_to(self._eval_model)
-        return self._eval_model
+    def eval_generator(self):
+        """The Generator with the evaluation EMA weights, in eval mode (a copy; training is untouched)."""
+        from cmgen.generator import Generator
+
+        if self._eval_gen is None:
+            net = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval()
+            self._eval_gen = Generator(net, self.recipe, self.data.shape, self.data.num_classes, self.data.kind,
+                                       codec=self.gen.codec)
+        self._eval_gen.step = self.step
+        self.parts["model"].ema.copy_to(self._eval_gen.net)
+        return self._eval_gen
 
     def write_previews(self) -> list[Path]:
         from cmgen.plots import read_metrics, save_curve, save_samples
-        from cmgen.sampling import default_sigmas, generate
+        from cmgen.sampling import generate
 
         r = self.recipe
-        model = self.eval_model()
+        gen = self.eval_generator()
         out = []
         samples = self.out / "samples"
         samples.mkdir(exist_ok=True)
         ref = self.data.x if self.data.kind == "points" else None
-        for steps in (1, 2):
-            sigmas = default_sigmas(r, steps)
-            x = torch.cat([b for b, _ in generate(model, r.train.sample_n, self.data.shape, sigmas, seed=0,
-                                                   num_classes=self.data.num_classes if r.model.class_conditional else 0,
-                                                   sigma_min=r.precond.sigma_min, device=self.device,
-                                                   clip_denoised=r.sample.clip_denoised and self.data.kind == "image",
+        for steps in r.eval.steps:
+            times = gen.times(steps)
+            x = torch.cat([b for b, _ in generate(gen, r.train.sample_n, times, seed=0, device=self.device,
                                                    progress=False)])
-            title = f"step {self.step}, {steps}-step, sigmas {','.join(f'{s:g}' for s in sigmas)}"
+            title = (f"step {self.step}, {steps}-step {gen.sampler().name} (NFE {gen.nfe(times)}), "
+                     f"times {','.join(f'{s:.3g}' for s in times[:4])}{',...' if len(times) > 4 else ''}")
             path = samples / f"step-{self.step:08d}-{steps}step.png"
             save_samples(x, path, ref, title)
             latest = self.out / f"samples_{steps}step.png"
@@ -390,7 +335,8 @@ class Trainer:
                 for k, v in terms.items():
                     self.pending[k] = self.pending.get(k, 0.0) + v
                 self.pending_n += 1
-                bar.set_postfix(loss=f"{terms['loss']:.4g}", N=int(terms.get("N", 0)) or None, refresh=False)
+                bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.4g}", N=int(terms.get("N", 0)) or None,
+                                refresh=False)
             bar.update(1)
             step = self.step
             if step % t.log_every == 0 or step == t.steps:
@@ -415,9 +361,8 @@ class Trainer:
             return
         from cmgen.eval.inloop import evaluate_during_training
 
-        result = evaluate_during_training(self.eval_model(), self.recipe, self.data, self.holdout, self.step,
-                                          self.out, device=self.device)
-        self.last_eval = result
+        self.last_eval = evaluate_during_training(self.eval_generator(), self.recipe, self.data, self.holdout,
+                                                  self.step, self.out, device=self.device)
         self.accelerator.wait_for_everyone()
 
 

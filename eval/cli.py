@@ -32,7 +32,7 @@ def is_model_path(p: Path) -> bool:
 
 
 def open_target(path: str, args, device):
-    """('model', LoadedModel) for a run / checkpoint / pipeline folder; ('samples', Source) for a folder or .npz."""
+    """('model', Generator) for a run / checkpoint / pipeline folder; ('samples', Source) for a folder or .npz."""
     from cmgen.eval.sources import folder_source, npz_source
 
     p = Path(path).expanduser()
@@ -119,7 +119,8 @@ def compute_table(args, default_steps: str):
         else:
             ref = resolve_reference(ref_name, net, n=n, keep=opts.keep, batch_size=args.batch_size,
                                     progress=not args.no_progress)
-        table = evaluate_model_steps(obj, steps, n, net, ref, opts, seed=args.seed, batch_size=args.batch_size,
+        table = evaluate_model_steps(obj, steps, n, net, ref, opts, sampler=args.sampler, guidance=args.cfg,
+                                     seed=args.seed, batch_size=args.batch_size,
                                      device=device, progress=not args.no_progress,
                                      extra_protocol={"model_weights": "EMA" if not args.no_ema else "raw"})
         if ref_name == "holdout":  # the floor: real training images scored the same way
@@ -227,17 +228,18 @@ def cmd_ref_stats(args) -> int:
 def _reward_sources(kind, obj, steps, n, args, device, label):
     """[(label, steps, nfe, Source)] for a model (one per step count) or samples made elsewhere."""
     from cmgen.eval.sources import model_source
-    from cmgen.sampling import default_sigmas
 
     if kind == "samples":
         return [(label, None, None, obj)]
     out = []
+    sampler = obj.sampler(getattr(args, "sampler", None)).name
+    guidance = getattr(args, "cfg", 1.0)
     for s in steps:
-        sigmas = default_sigmas(obj.recipe, s)
-        out.append((label, s, len(sigmas), model_source(obj.model, obj.recipe, obj.shape, obj.num_classes, obj.kind,
-                                                        sigmas, n, seed=args.seed, batch_size=args.batch_size,
-                                                        device=device, progress=not args.no_progress,
-                                                        name=str(obj.source))))
+        times = obj.times(s, sampler)
+        out.append((label, s, obj.nfe(times, sampler, guidance),
+                    model_source(obj, times, n, sampler=sampler, guidance=guidance, seed=args.seed,
+                                 batch_size=args.batch_size, device=device, progress=not args.no_progress,
+                                 name=str(obj.source))))
     return out
 
 
@@ -305,6 +307,10 @@ def _common(p, samples: bool = True) -> None:
     p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default 100)")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (default 1000)")
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw training weights instead of the EMA")
+    p.add_argument("--sampler", default=None, help="sampler of a model (cm: multistep; edm: heun, euler; flow: euler, "
+                   "sde; default: the recipe's)")
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (models trained with "
+                   "method.label_dropout; default 1 = off)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -62,19 +62,23 @@ def protocol_of(net: FeatureNet, ref: Reference, n: int, extra: Optional[dict] =
     return p | (extra or {})
 
 
-def evaluate_model_steps(lm, steps_list: Sequence[int], n: int, net: FeatureNet, ref: Reference,
-                         opts: MetricOptions, *, seed: int = 0, batch_size: int = 256, device="cpu",
-                         progress: bool = True, extra_protocol: Optional[dict] = None) -> Table:
-    """One row per step count: a consistency model makes one network evaluation per step (NFE = steps)."""
+def evaluate_model_steps(gen, steps_list: Sequence[int], n: int, net: FeatureNet, ref: Reference,
+                         opts: MetricOptions, *, sampler: Optional[str] = None, guidance: float = 1.0, seed: int = 0,
+                         batch_size: int = 256, device="cpu", progress: bool = True,
+                         extra_protocol: Optional[dict] = None) -> Table:
+    """One row per step count, with the sampler's network evaluations (NFE) beside it."""
     from cmgen.eval.sources import model_source
-    from cmgen.sampling import default_sigmas
 
-    table = Table(net.metric, protocol_of(net, ref, n, {"samples": f"{lm.source}", "seed": seed} | (extra_protocol or {})))
+    spec = gen.sampler(sampler)
+    extra = {"samples": f"{gen.source}", "seed": seed, "sampler": spec.name} | (extra_protocol or {})
+    if guidance != 1.0:
+        extra["guidance"] = guidance
+    table = Table(net.metric, protocol_of(net, ref, n, extra))
     for steps in steps_list:
-        sigmas = default_sigmas(lm.recipe, steps)
-        src = model_source(lm.model, lm.recipe, lm.shape, lm.num_classes, lm.kind, sigmas, n, seed=seed,
-                           batch_size=batch_size, device=device, progress=progress, name=str(lm.source))
-        row = {"steps": steps, "nfe": len(sigmas), "sigmas": [float(s) for s in sigmas]}
+        times = gen.times(steps, spec.name)
+        src = model_source(gen, times, n, sampler=spec.name, guidance=guidance, seed=seed, batch_size=batch_size,
+                           device=device, progress=progress, name=str(gen.source))
+        row = {"steps": steps, "nfe": gen.nfe(times, spec.name, guidance), "sigmas": [float(s) for s in times]}
         table.rows.append(row | evaluate_source(src, net, ref, opts))
     return table
 

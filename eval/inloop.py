@@ -56,20 +56,16 @@ def _append_row(path: Path, row: dict) -> list[dict]:
     return rows
 
 
-def evaluate_during_training(model, recipe, data, holdout, step: int, out_dir, device="cpu") -> dict:
+def evaluate_during_training(gen, recipe, data, holdout, step: int, out_dir, device="cpu") -> dict:
     """Returns {'fd_1step': ..., 'precision_1step': ..., ...} and records it in eval.jsonl / eval.png."""
     out_dir = Path(out_dir)
     e = recipe.eval
     opts = MetricOptions(keep=max(e.n, 2), kid_subsets=50)
     net = _feature_net(recipe, data.shape, device)
     ref = _reference(recipe, data, holdout, net, opts, out_dir)
-    from cmgen.sampling import default_sigmas
-
     numbers = {}
     for steps in e.steps:
-        sigmas = default_sigmas(recipe, steps)
-        src = model_source(model, recipe, data.shape, data.num_classes, data.kind, sigmas, e.n, seed=0,
-                           device=device, progress=False, name=f"step {step}")
+        src = model_source(gen, gen.times(steps), e.n, seed=0, device=device, progress=False, name=f"step {step}")
         metrics = evaluate_source(src, net, ref, opts)
         numbers |= {f"{k}_{steps}step": metrics[k] for k in REPORTED if metrics.get(k) is not None}
     row = {"step": int(step), "metric": net.metric, "n": e.n, "reference": ref.description.get("name")} | numbers

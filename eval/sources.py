@@ -50,23 +50,23 @@ def _as_channels(batch: np.ndarray, channels: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- models
 
-def model_source(model, recipe, shape: tuple[int, ...], num_classes: int, kind: str, sigmas: Sequence[float], n: int,
-                 *, seed: int = 0, batch_size: int = 256, device="cpu", progress: bool = True,
+def model_source(gen, times: Sequence[float], n: int, *, sampler: Optional[str] = None, guidance: float = 1.0,
+                 seed: int = 0, batch_size: int = 256, device="cpu", progress: bool = True,
                  name: str = "model") -> Source:
-    """Samples of a consistency function over `sigmas`; image j uses seed + j (cmgen.sampling.generate)."""
+    """Samples of a Generator over `times` with `sampler`; image j uses seed + j (cmgen.sampling.generate)."""
     from cmgen.sampling import generate
 
-    ncls = num_classes if recipe.model.class_conditional else 0
+    spec = gen.sampler(sampler)
 
     def batches(channels: int) -> Iterator[np.ndarray]:
-        for x, _ in generate(model, n, tuple(shape), sigmas, seed=seed, batch_size=batch_size, num_classes=ncls,
-                             sigma_min=recipe.precond.sigma_min, device=device,
-                             clip_denoised=recipe.sample.clip_denoised and kind == "image", progress=progress,
-                             desc=f"{name}: {len(sigmas)}-step samples"):
-            yield x.numpy().astype(np.float64) if kind == "points" else _as_channels(to_uint8_nhwc(x), channels)
+        for x, _ in generate(gen, n, times, sampler=spec.name, seed=seed, batch_size=batch_size, guidance=guidance,
+                             device=device, progress=progress, desc=f"{name}: {len(times)}-point {spec.name}"):
+            yield x.numpy().astype(np.float64) if gen.kind == "points" else _as_channels(to_uint8_nhwc(x), channels)
 
-    return Source(f"{name} ({len(sigmas)}-step, sigmas {', '.join(f'{s:g}' for s in sigmas)}, seeds {seed}..)",
-                  tuple(shape), kind, n, batches)
+    cfg = f", cfg {guidance:g}" if guidance != 1.0 else ""
+    shown = ", ".join(f"{s:.4g}" for s in times)
+    return Source(f"{name} ({spec.name}, NFE {gen.nfe(times, spec.name, guidance)}, times {shown}{cfg}, "
+                  f"seeds {seed}..)", gen.shape, gen.kind, n, batches)
 
 
 # ----------------------------------------------------------------------------- datasets

@@ -7,7 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cmgen.errors import UserError
-from cmgen.sampling.multistep import consistency_multistep, per_image_noise
+from cmgen.sampling.multistep import per_image_noise
 
 
 def default_sigmas(recipe, steps: int) -> list[float]:
@@ -36,24 +36,25 @@ def parse_sigmas(text: str, sigma_min: float, sigma_max: float) -> list[float]:
     return values
 
 
-def generate(model, n: int, shape: tuple[int, ...], sigmas: Sequence[float], *, seed: int = 0,
-             batch_size: int = 256, num_classes: int = 0, labels: Optional[torch.Tensor] = None,
-             sigma_min: float = 0.002, clip_denoised: bool = True, device="cpu", autocast_dtype=None,
-             progress: bool = True, desc: str = "sampling") -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """Yields (samples float on CPU, labels) batches; image j uses seed + j, label j % classes."""
+def generate(gen, n: int, times: Sequence[float], *, sampler: Optional[str] = None, seed: int = 0,
+             batch_size: int = 256, labels: Optional[torch.Tensor] = None, guidance: float = 1.0, device="cpu",
+             autocast_dtype=None, progress: bool = True, desc: str = "sampling",
+             **options) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """Yields (samples float on CPU, labels) batches from a Generator; image j uses seed + j and,
+    for a class-conditional model, label j % classes unless `labels` are given."""
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
+    gen.check_guidance(guidance)
     bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False)
     for start in range(0, n, batch_size):
         idx = torch.arange(start, min(n, start + batch_size))
         y = None
-        if num_classes:
-            y = (labels[idx] if labels is not None else idx % num_classes).to(device)
-        noise = per_image_noise((seed + idx).tolist(), shape, device)
+        if gen.conditional:
+            y = (labels[idx] if labels is not None else idx % gen.num_classes).to(device)
+        noise = per_image_noise((seed + idx).tolist(), gen.shape, device)
         with torch.autocast(torch.device(device).type, dtype=autocast_dtype or torch.bfloat16,
                             enabled=autocast_dtype is not None):
-            x = consistency_multistep(model, noise, sigmas, sigma_min=sigma_min, class_labels=y,
-                                      clip_denoised=clip_denoised)
+            x = gen.sample(noise, times, sampler=sampler, labels=y, guidance=guidance, **options)
         bar.update(len(idx))
         yield x.float().cpu(), (None if y is None else y.cpu())
     bar.close()

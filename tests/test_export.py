@@ -115,7 +115,7 @@ def test_karras_grid_falls_back_to_same_float32_sigma():
 def test_config_check_resolves_attention_norm_groups_like_unet2dmodel():
     from diffusers import UNet2DModel
 
-    from cmgen.export import _check_same_network
+    from cmgen.pretrained import _check_same_network
 
     base = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), norm_num_groups=8,
                 down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
@@ -217,11 +217,11 @@ def foreign(tmp_path_factory):
     """A stock pipeline saved by diffusers itself (no cmgen files), shaped like the tiny recipe's UNet."""
     from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline
 
-    from cmgen.models import build_denoiser
+    from cmgen.generator import build_network
     from cmgen.recipe import load_recipe
 
     torch.manual_seed(1)
-    unet = build_denoiser(load_recipe("ict_digits", TINY), (1, 8, 8), 10).backbone.unet
+    unet = build_network(load_recipe("ict_digits", TINY), (1, 8, 8), 10).backbone.unet
     with torch.no_grad():
         for p in unet.parameters():
             p.add_(0.05 * torch.randn_like(p))  # not the zero-initialised output conv: images depend on weights
@@ -267,11 +267,11 @@ def test_init_from_local_pipeline_loads_unet_into_trainer(foreign, tmp_path):
 def test_init_from_unet_folder_and_cached_hub_id(foreign, tmp_path, monkeypatch):
     import huggingface_hub.constants as hub
 
-    from cmgen.export import load_init_weights
-    from cmgen.models import build_denoiser
+    from cmgen.pretrained import load_init_weights
+    from cmgen.generator import build_network
     from cmgen.recipe import load_recipe
 
-    model = build_denoiser(load_recipe("ict_digits", TINY), (1, 8, 8), 10)
+    model = build_network(load_recipe("ict_digits", TINY), (1, 8, 8), 10)
     load_init_weights(model, str(foreign / "unet"))
     conv = model.backbone.unet.conv_in.weight.detach().clone()
     # a hub id resolves from the local cache only: lay one out by hand
@@ -281,7 +281,7 @@ def test_init_from_unet_folder_and_cached_hub_id(foreign, tmp_path, monkeypatch)
     import shutil
     shutil.copytree(foreign, snap / "snapshots" / ("0" * 40))
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    fresh = build_denoiser(load_recipe("ict_digits", TINY), (1, 8, 8), 10)
+    fresh = build_network(load_recipe("ict_digits", TINY), (1, 8, 8), 10)
     load_init_weights(fresh, "org/ct_tiny")
     assert torch.equal(fresh.backbone.unet.conv_in.weight, conv)
     with pytest.raises(UserError, match="not in the local Hugging Face cache and cmgen never downloads"):
@@ -289,12 +289,12 @@ def test_init_from_unet_folder_and_cached_hub_id(foreign, tmp_path, monkeypatch)
 
 
 def test_init_from_errors_name_the_field_and_fix(foreign, tmp_path):
-    from cmgen.export import load_init_weights
-    from cmgen.models import build_denoiser
+    from cmgen.pretrained import load_init_weights
+    from cmgen.generator import build_network
     from cmgen.recipe import load_recipe
 
     def model(*overrides):
-        return build_denoiser(load_recipe("ict_digits", TINY + list(overrides)), (1, 8, 8), 10)
+        return build_network(load_recipe("ict_digits", TINY + list(overrides)), (1, 8, 8), 10)
 
     with pytest.raises(UserError, match=r"block_out_channels=\[16, 32\] but the recipe builds block_out_channels"):
         load_init_weights(model("model.block_out_channels=[16,16]"), str(foreign))
@@ -375,12 +375,12 @@ PUBLISHED_CT_IMAGENET64 = {
 def test_ict_imagenet64_recipe_fits_the_published_ct_imagenet64_unet():
     from diffusers import UNet2DModel
 
-    from cmgen.export import _check_same_network
-    from cmgen.models import build_denoiser
+    from cmgen.pretrained import _check_same_network
+    from cmgen.generator import build_network
     from cmgen.recipe import load_recipe
 
     with torch.device("meta"):  # the 300M-parameter ADM, built without memory
-        model = build_denoiser(load_recipe("ict_imagenet64"), (3, 64, 64), 1000)
+        model = build_network(load_recipe("ict_imagenet64"), (3, 64, 64), 1000)
     _check_same_network(PUBLISHED_CT_IMAGENET64, model.backbone.unet, "model.init_from")
     with torch.device("meta"):
         published = UNet2DModel(**{k: v for k, v in PUBLISHED_CT_IMAGENET64.items() if k != "_class_name"})

@@ -91,12 +91,12 @@ def test_nsln_pipeline_folder_works_in_cmgen_sample(nsln_run, nsln_exported, tmp
 
 
 def test_nsln_pipeline_initialises_an_nsln_recipe(nsln_exported):
-    from cmgen.export import load_init_weights
-    from cmgen.models import build_denoiser
+    from cmgen.pretrained import load_init_weights
+    from cmgen.generator import build_network
     from cmgen.recipe import load_recipe
     from cmgen.runs import load_model
 
-    model = build_denoiser(load_recipe("ict_digits", TINY + ["model.norm=nsln"]), (1, 8, 8), 10)
+    model = build_network(load_recipe("ict_digits", TINY + ["model.norm=nsln"]), (1, 8, 8), 10)
     load_init_weights(model, str(nsln_exported))
     exported = load_model(nsln_exported).model.state_dict()
     assert model.state_dict().keys() == exported.keys()

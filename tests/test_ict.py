@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from cmgen.methods import build_method
-from cmgen.models import build_denoiser
+from cmgen.generator import build_network
 from cmgen.recipe import load_recipe
 from cmgen.rng import BatchRNG, same_dropout
 
@@ -25,7 +25,7 @@ def _record_dropout_masks(model):
 
 def test_teacher_and_student_share_the_dropout_mask():
     recipe = _recipe()
-    model = build_denoiser(recipe, (1, 8, 8), 10).train()
+    model = build_network(recipe, (1, 8, 8), 10).train()
     method = build_method(recipe, (1, 8, 8))
     masks, handles = _record_dropout_masks(model)
     x = torch.rand(6, 1, 8, 8) * 2 - 1
@@ -42,7 +42,7 @@ def test_teacher_and_student_share_the_dropout_mask():
 
 def test_dropout_masks_differ_between_steps():
     recipe = _recipe()
-    model = build_denoiser(recipe, (1, 8, 8), 10).train()
+    model = build_network(recipe, (1, 8, 8), 10).train()
     method = build_method(recipe, (1, 8, 8))
     masks, handles = _record_dropout_masks(model)
     x = torch.zeros(4, 1, 8, 8)

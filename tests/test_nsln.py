@@ -72,12 +72,12 @@ def test_nsln_unet_saves_and_loads_like_a_diffusers_model(tmp_path):
 
 
 def test_recipe_model_norm_selects_nsln_and_is_validated():
-    from cmgen.models import build_denoiser
+    from cmgen.generator import build_network
     from cmgen.recipe import load_recipe
 
     overrides = ["model.block_out_channels=[16,32]", "model.norm_num_groups=8", "model.attention_head_dim=8"]
     assert load_recipe("ict_digits", overrides).model.norm == "group"
-    model = build_denoiser(load_recipe("ict_digits", overrides + ["model.norm=nsln"]), (1, 8, 8), 10)
+    model = build_network(load_recipe("ict_digits", overrides + ["model.norm=nsln"]), (1, 8, 8), 10)
     assert isinstance(model.backbone.unet, NsLNUNet2DModel)
     with pytest.raises(UserError, match="recipe key 'model.norm' must be group or nsln, got 'layer'"):
         load_recipe("ict_digits", ["model.norm=layer"])

@@ -1,7 +1,7 @@
 """The sampler: deterministic per seed, 1 step is f(sigma_max z), batching does not change images."""
 import torch
 
-from cmgen.models import build_denoiser
+from cmgen.generator import build_network
 from cmgen.recipe import load_recipe
 from cmgen.sampling import consistency_multistep, default_sigmas, generate, per_image_noise
 
@@ -10,7 +10,7 @@ def _model():
     recipe = load_recipe("ict_digits", ["model.block_out_channels=[16,32]", "model.norm_num_groups=8",
                                         "model.attention_head_dim=8"])
     torch.manual_seed(0)
-    return build_denoiser(recipe, (1, 8, 8), 10).eval(), recipe
+    return build_network(recipe, (1, 8, 8), 10).eval(), recipe
 
 
 def _all(model, n, sigmas, seed, batch_size):

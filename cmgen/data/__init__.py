@@ -169,3 +169,20 @@ def shape_of(cfg) -> tuple[tuple[int, ...], int, str]:
         return (cfg.channels, cfg.resolution or 32, cfg.resolution or 32), cfg.num_classes, "image"
     ds, _ = load_dataset(cfg)
     return ds.shape, ds.num_classes, ds.kind
+
+
+def training_data(recipe, smoke: bool = False) -> tuple[Dataset, Optional[Dataset]]:
+    """(train, held-out) of a run; `smoke` swaps in random data of the recipe's shape (no files needed)."""
+    r, t = recipe, recipe.train
+    if not smoke:
+        data, holdout = load_dataset(r.data, t.seed)
+    else:
+        shape, ncls, kind = shape_of(r.data)
+        if kind == "points":
+            data = toy2d(r.data.toy, 256, t.seed)
+        else:
+            data = random_images(shape[0], shape[1], ncls, n=max(8, t.batch_size), seed=t.seed)
+        holdout = None
+    if r.model.class_conditional and not data.num_classes:
+        raise UserError("recipe key 'model.class_conditional' is true but the data have no labels")
+    return data, holdout

@@ -1,11 +1,6 @@
-"""Training methods. Each module registers a frozen config dataclass and a Method class.
-
-A method is a loss over the preconditioned denoiser:
-
-    method = Method(config, recipe, data_shape)
-    terms = method.loss(model, x, labels, step, rng)   # {"loss": scalar to minimise, term: detached scalars}
-
-and owns its schedule (curriculum, noise-level draws). The loop knows nothing else about it.
+"""Training methods. Each module holds a frozen `Config` dataclass and a `Method` class
+(the protocol is in cmgen.methods.base). A method is chosen by `method.name`: a name below, or
+the dotted import path of your own module (`method: {name: my_package.my_method}`).
 """
 from __future__ import annotations
 
@@ -13,14 +8,29 @@ import difflib
 import importlib
 
 from cmgen.errors import UserError
+from cmgen.methods.base import Batch, Dist, Method, Nets, Part, gate
 
 # name -> module path; a new method adds one line here and one module
 _MODULES = {
     "ict": "cmgen.methods.ict",
+    "edm": "cmgen.methods.edm",
+    "flow": "cmgen.methods.flow",
 }
+
+__all__ = ["Batch", "Dist", "Method", "Nets", "Part", "gate", "method_config_class", "method_name_of",
+           "method_class", "build_method"]
 
 
 def _module(name: str):
+    if isinstance(name, str) and name not in _MODULES and "." in name:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError as exc:
+            raise UserError(f"recipe key 'method.name' names the module '{name}', which cannot be imported "
+                            f"({exc}); check the name and PYTHONPATH") from None
+        if not (hasattr(mod, "Config") and hasattr(mod, "Method")):
+            raise UserError(f"recipe key 'method.name': module '{name}' must define Config and Method")
+        return mod
     if not isinstance(name, str) or name not in _MODULES:
         match = difflib.get_close_matches(str(name), list(_MODULES), n=1)
         hint = f"; did you mean '{match[0]}'?" if match else f"; known methods: {', '.join(_MODULES)}"
@@ -33,12 +43,16 @@ def method_config_class(name: str):
 
 
 def method_name_of(config) -> str:
+    module = type(config).__module__
     for name, path in _MODULES.items():
-        if type(config).__module__ == path:
+        if module == path:
             return name
-    raise KeyError(type(config))
+    return module  # a user's own method module
 
 
-def build_method(recipe, shape):
-    mod = _module(method_name_of(recipe.method))
-    return mod.Method(recipe.method, recipe, shape)
+def method_class(recipe):
+    return _module(method_name_of(recipe.method)).Method
+
+
+def build_method(recipe, gen):
+    return method_class(recipe)(recipe.method, recipe, gen)

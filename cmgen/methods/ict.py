@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from cmgen.losses import ict_huber_c, pseudo_huber
+from cmgen.methods.base import Method as BaseMethod
 from cmgen.rng import same_dropout
 from cmgen.schedules import ict_curriculum, karras_sigmas, lognormal_index_probs
 
@@ -28,12 +29,14 @@ class Config:
     huber_c: Optional[float] = None  # pseudo-Huber c; defaults to 0.00054 * sqrt(d)
 
 
-class Method:
-    def __init__(self, cfg: Config, recipe, shape: tuple[int, ...]):
-        self.cfg = cfg
+class Method(BaseMethod):
+    parameterisation = "cm"
+
+    def __init__(self, cfg: Config, recipe, gen):
+        super().__init__(cfg, recipe, gen)
         self.p = recipe.precond
         self.total_steps = cfg.total_steps or recipe.train.steps
-        self.c = cfg.huber_c if cfg.huber_c is not None else ict_huber_c(math.prod(shape))
+        self.c = cfg.huber_c if cfg.huber_c is not None else ict_huber_c(math.prod(gen.shape))
         self._grids: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def discretisation(self, step: int) -> int:
@@ -46,7 +49,8 @@ class Method:
             self._grids[n] = (s, lognormal_index_probs(s, self.cfg.p_mean, self.cfg.p_std))
         return self._grids[n]
 
-    def loss(self, model, x: torch.Tensor, labels, step: int, rng) -> dict:
+    def loss(self, nets, batch, step: int) -> dict:
+        model, x, labels, rng = nets.model, batch.x, batch.labels, batch.rng
         n = self.discretisation(step)
         sigmas, probs = self.grid(n)
         i = rng.multinomial(probs).cpu()

@@ -1,11 +1,10 @@
-"""Backbones wrapped in the shared preconditioning."""
+"""Backbones: the bare networks F(x_in, noise_label, class_labels) that cmgen.precond wraps
+(cmgen.generator.build_network builds the wrapped network a method trains)."""
 from __future__ import annotations
-
-from cmgen.precond import ConsistencyDenoiser
 
 
 def build_backbone(recipe, shape: tuple[int, ...], num_classes: int):
-    """The bare network F for data of `shape` (C, H, W) or (D,)."""
+    """The bare network F for data of `shape` (C, H, W) or (D,); `num_classes` class embeddings."""
     m = recipe.model
     if m.arch == "mlp":
         from cmgen.models.mlp import MLPBackbone
@@ -26,6 +25,3 @@ def build_backbone(recipe, shape: tuple[int, ...], num_classes: int):
         from cmgen.models.nsln import NsLNUNet2DModel as unet_class
     return UNetBackbone(unet_class(**unet_kwargs(m, shape[0], shape[1], num_classes)))
 
-
-def build_denoiser(recipe, shape, num_classes: int) -> ConsistencyDenoiser:
-    return ConsistencyDenoiser(build_backbone(recipe, shape, num_classes), recipe.precond)
