@@ -81,9 +81,10 @@ def truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """state_dict without frozen parameters (e.g. a LoRA base): what a checkpoint stores."""
-    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+def trainable_state(module: torch.nn.Module, like: Optional[torch.nn.Module] = None) -> dict[str, torch.Tensor]:
+    """state_dict without frozen parameters (e.g. a LoRA base): what a checkpoint stores. `like` names the
+    network whose frozen parameters count (a target network is a frozen copy of the model)."""
+    frozen = {n for n, p in (like or module).named_parameters() if not p.requires_grad}
     return {k: v for k, v in module.state_dict().items() if k not in frozen}
 
 
@@ -110,8 +111,9 @@ def write(trainer) -> Path:
         opt_tensors, opt_meta = ckpt_io.optimizer_to_flat(_optimizer_state(part.optimizer))
         tensors[f"{_file_prefix(name)}optimizer"] = opt_tensors
         files[f"{_file_prefix(name)}optimizer.json"] = json.dumps(opt_meta)
+    model = acc.unwrap_model(trainer.parts["model"].module)
     for name, target in trainer.targets.items():
-        tensors[f"target-{name}"] = trainable_state(target.module)
+        tensors[f"target-{name}"] = trainable_state(target.module, like=model)
     scaler = getattr(acc, "scaler", None)
     state = {"step": trainer.step, "nonfinite": trainer.nonfinite, "pending": trainer.pending,
              "pending_n": trainer.pending_n, "last_eval": trainer.last_eval,

@@ -22,7 +22,7 @@ __all__ = ["Batch", "Dist", "Method", "Nets", "Part", "gate", "method_config_cla
 
 
 def _module(name: str):
-    if isinstance(name, str) and name not in _MODULES and "." in name:
+    if isinstance(name, str) and name not in _MODULES and _importable(name):
         try:
             mod = importlib.import_module(name)
         except ImportError as exc:
@@ -36,6 +36,15 @@ def _module(name: str):
         hint = f"; did you mean '{match[0]}'?" if match else f"; known methods: {', '.join(_MODULES)}"
         raise UserError(f"recipe key 'method.name' names an unknown method {repr(name)[:40]}{hint}")
     return importlib.import_module(_MODULES[name])
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def method_config_class(name: str):

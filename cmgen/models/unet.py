@@ -35,6 +35,16 @@ _ADM_IMAGENET64 = dict(
     attention_head_dim=64, norm_num_groups=32, dropout=0.2, resnet_time_scale_shift="scale_shift",
 )
 
+# DDPM++ as EDM used it for CIFAR-10 (SongUNet: 128 ch x mult 2,2,2 at 32/16/8, 4 blocks per level,
+# attention at 16x16, dropout 0.13), on UNet2DModel's conv resampling.
+_DDPMPP_CIFAR10 = dict(
+    sample_size=32, in_channels=3, out_channels=3,
+    block_out_channels=(256, 256, 256), layers_per_block=4,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=None, norm_num_groups=32, dropout=0.13, resnet_time_scale_shift="default",
+)
+
 _DIGITS = dict(
     sample_size=8, in_channels=1, out_channels=1,
     block_out_channels=(64, 128), layers_per_block=2,
@@ -54,6 +64,7 @@ _TINY = dict(
 PRESETS = {
     "ncsnpp_cifar10": _NCSNPP_CIFAR10,
     "adm_imagenet64": _ADM_IMAGENET64,
+    "ddpmpp_cifar10": _DDPMPP_CIFAR10,
     "digits": _DIGITS,
     "tiny": _TINY,
 }
