@@ -57,7 +57,7 @@ def main() -> None:
 
     from cmgen.export import export_model
     from cmgen.runs import load_model
-    from cmgen.sampling import default_sigmas, generate
+    from cmgen.sampling import generate
 
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
         tmp = Path(tmp)
@@ -67,12 +67,9 @@ def main() -> None:
         pipe = load_pipeline(result)
         n, ncls = args.batch, (lm.num_classes if lm.recipe.model.class_conditional else 0)
         labels = torch.arange(n) % ncls if ncls else None
-        clip = lm.recipe.sample.clip_denoised
 
         def cmgen_call(steps):
-            return lambda: next(generate(lm.model, n, lm.shape, default_sigmas(lm.recipe, steps), seed=args.seed,
-                                         batch_size=n, num_classes=ncls, sigma_min=lm.recipe.precond.sigma_min,
-                                         clip_denoised=clip, progress=False))[0]
+            return lambda: next(generate(lm, n, lm.times(steps), seed=args.seed, batch_size=n, progress=False))[0]
 
         def diffusers_call(steps):
             kw = steps_kwargs(result, steps)
@@ -80,7 +77,7 @@ def main() -> None:
                                 generator=[torch.Generator().manual_seed(args.seed + j) for j in range(n)], **kw).images
 
         print(f"{result.pipeline_class} ({'stock diffusers' if result.stock else 'cmgen classes'}), "
-              f"{sum(q.numel() for q in lm.model.parameters()) / 1e6:.2f}M parameters, batch {n}, "
+              f"{sum(q.numel() for q in lm.net.parameters()) / 1e6:.2f}M parameters, batch {n}, "
               f"{args.threads} thread(s), median of {args.repeats}")
         print(f"{'steps':>5}  {'cmgen s':>9}  {'diffusers s':>11}  {'ratio':>6}  {'max |diff|':>10}")
         for steps in (1, 2):

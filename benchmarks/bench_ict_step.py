@@ -73,7 +73,7 @@ def main():
         def cmgen_step():
             tr.train_step()
 
-        model = tr.eval_model()
+        gen = tr.eval_generator()
 
         def bare_forward():
             with torch.no_grad():
@@ -81,9 +81,8 @@ def main():
             net.train()
 
         def one_step_sampling():
-            for _ in generate(model, args.batch, shape, [recipe.precond.sigma_max], seed=0, batch_size=args.batch,
-                              device=device, progress=False,
-                              num_classes=tr.data.num_classes if recipe.model.class_conditional else 0):
+            for _ in generate(gen, args.batch, gen.times(1), seed=0, batch_size=args.batch, device=device,
+                              progress=False):
                 pass
 
         for fn in (ideal, ideal_with_optimizer, cmgen_step, bare_forward, one_step_sampling):  # warm-up

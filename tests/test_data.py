@@ -66,7 +66,7 @@ def test_hflip_flips_about_half_the_batch(tmp_path):
     recipe = load_recipe("ict_digits", ["model.block_out_channels=[16,32]", "model.norm_num_groups=8",
                                         "model.attention_head_dim=8", "train.batch_size=256", "data.hflip=true"])
     tr = Trainer(recipe, tmp_path / "run", progress=False)
-    x, _, _ = tr._batch(0)
+    x = tr._batch(0).x
     idx = tr.sampler.indices(0, 256, 0, 256)
     orig = tr.data.x[idx]
     flipped = (x == orig.flip(3)).flatten(1).all(1) & ~(x == orig).flatten(1).all(1)

@@ -176,13 +176,12 @@ def test_model_samples_stream_in_seeded_batches_with_a_progress_bar(digits_run, 
     net.embed = lambda batch: seen.append(len(batch)) or embed(batch)
 
     def stats(batch_size, progress=False):
-        src = model_source(lm.model, lm.recipe, lm.shape, lm.num_classes, lm.kind, default_sigmas(lm.recipe, 2), 40,
-                           seed=5, batch_size=batch_size, progress=progress)
+        src = model_source(lm, lm.times(2), 40, seed=5, batch_size=batch_size, progress=progress)
         return accumulate(src, net, keep=8)
 
     a = stats(16, progress=True)
     assert seen == [16, 16, 8] and a.n == 40 and len(a.kept) == 8
-    assert "2-step samples" in capsys.readouterr().err
+    assert "2-point multistep" in capsys.readouterr().err
     b = stats(40)
     np.testing.assert_allclose(a.mean, b.mean, rtol=1e-6)
     np.testing.assert_allclose(a.cov, b.cov, rtol=1e-5, atol=1e-8)

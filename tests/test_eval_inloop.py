@@ -32,13 +32,13 @@ def test_training_with_eval_every_records_fd_digits(tmp_path):
 
 def _toy(tmp_path, extra=()):
     from cmgen.data import load_dataset
-    from cmgen.generator import build_network
+    from cmgen.generator import Generator
     from cmgen.recipe import load_recipe
 
     recipe = load_recipe("ict_toy2d", ["model.hidden=16", "model.depth=1", "eval.n=200", "eval.steps=[1]", *extra])
     data, holdout = load_dataset(recipe.data, 0)
     torch.manual_seed(0)
-    model = build_network(recipe, data.shape, data.num_classes).eval()
+    model = Generator.build(recipe, data.shape, data.num_classes, data.kind).eval()
     return model, recipe, data, holdout
 
 

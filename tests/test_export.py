@@ -181,10 +181,10 @@ def test_load_pipeline_model_rebuilds_denoiser_and_recipe(run, exported):
 
     lm = load_model(exported)
     ref = load_model(run)
-    assert isinstance(lm.model, ConsistencyDenoiser)
+    assert isinstance(lm.net, ConsistencyDenoiser)
     assert lm.recipe == ref.recipe and lm.shape == (1, 8, 8) and lm.num_classes == 10 and lm.step == 4
-    for k, v in ref.model.state_dict().items():
-        assert torch.equal(lm.model.state_dict()[k], v), k
+    for k, v in ref.net.state_dict().items():
+        assert torch.equal(lm.net.state_dict()[k], v), k
 
 
 def test_no_ema_exports_raw_weights(run, tmp_path):

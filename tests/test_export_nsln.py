@@ -83,7 +83,7 @@ def test_nsln_pipeline_folder_works_in_cmgen_sample(nsln_run, nsln_exported, tmp
     from cmgen.runs import load_model
 
     lm = load_model(nsln_exported)
-    assert isinstance(lm.model.backbone.unet, NsLNUNet2DModel) and lm.recipe.model.norm == "nsln"
+    assert isinstance(lm.net.backbone.unet, NsLNUNet2DModel) and lm.recipe.model.norm == "nsln"
     for steps in (1, 2):
         a = cmgen_samples(nsln_run, steps, 3, 0, tmp_path)
         b = cmgen_samples(nsln_exported, steps, 3, 0, tmp_path)
@@ -98,6 +98,6 @@ def test_nsln_pipeline_initialises_an_nsln_recipe(nsln_exported):
 
     model = build_network(load_recipe("ict_digits", TINY + ["model.norm=nsln"]), (1, 8, 8), 10)
     load_init_weights(model, str(nsln_exported))
-    exported = load_model(nsln_exported).model.state_dict()
+    exported = load_model(nsln_exported).net.state_dict()
     assert model.state_dict().keys() == exported.keys()
     assert all(torch.equal(v, exported[k]) for k, v in model.state_dict().items())

@@ -206,7 +206,7 @@ def test_repeated_nan_stops_the_run_with_the_last_good_checkpoint_intact(tmp_pat
 
     lm = load_model(run)
     assert lm.step == 2
-    assert all(torch.isfinite(p).all() for p in lm.model.parameters())
+    assert all(torch.isfinite(p).all() for p in lm.net.parameters())
 
 
 # ------------------------------------------------------------------------------ 5. fuzzing the recipe loader

@@ -1,7 +1,7 @@
 """The sampler: deterministic per seed, 1 step is f(sigma_max z), batching does not change images."""
 import torch
 
-from cmgen.generator import build_network
+from cmgen.generator import Generator
 from cmgen.recipe import load_recipe
 from cmgen.sampling import consistency_multistep, default_sigmas, generate, per_image_noise
 
@@ -10,12 +10,11 @@ def _model():
     recipe = load_recipe("ict_digits", ["model.block_out_channels=[16,32]", "model.norm_num_groups=8",
                                         "model.attention_head_dim=8"])
     torch.manual_seed(0)
-    return build_network(recipe, (1, 8, 8), 10).eval(), recipe
+    return Generator.build(recipe, (1, 8, 8), 10).eval(), recipe
 
 
-def _all(model, n, sigmas, seed, batch_size):
-    return torch.cat([x for x, _ in generate(model, n, (1, 8, 8), sigmas, seed=seed, batch_size=batch_size,
-                                             progress=False)])
+def _all(gen, n, sigmas, seed, batch_size):
+    return torch.cat([x for x, _ in generate(gen, n, sigmas, seed=seed, batch_size=batch_size, progress=False)])
 
 
 def test_sampling_is_deterministic_for_a_seed_and_differs_across_seeds():
@@ -36,10 +35,10 @@ def test_one_step_equals_f_of_sigma_max_times_z():
     model, recipe = _model()
     z = torch.stack([torch.randn((1, 1, 8, 8), generator=torch.Generator().manual_seed(5 + j))[0] for j in range(4)])
     with torch.no_grad():
-        want = model(80.0 * z, torch.full((4,), 80.0))
+        want = model.net(80.0 * z, torch.full((4,), 80.0))
     got = _all(model, 4, [80.0], 5, 4)
     assert torch.allclose(got, want.clamp(-1, 1), atol=1e-6)
-    raw = consistency_multistep(model, per_image_noise(range(5, 9), (1, 8, 8)), [80.0], clip_denoised=False)
+    raw = consistency_multistep(model.net, per_image_noise(range(5, 9), (1, 8, 8)), [80.0], clip_denoised=False)
     assert torch.allclose(raw, want, atol=1e-6)
 
 
