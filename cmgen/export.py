@@ -135,6 +135,9 @@ def _make_parent(out: Path) -> None:
 
 
 def _exportable_network(lm):
+    if lm.parameterisation != "cm":
+        raise UserError(f"'{lm.source}' holds a {lm.parameterisation} model; cmgen export writes consistency "
+                        "models only so far, sample it with `cmgen sample` instead")
     unet = getattr(lm.net.backbone, "unet", None)
     if lm.kind != "image" or unet is None or not hasattr(unet, "save_pretrained"):
         raise UserError(f"'{lm.source}' holds a model.arch={lm.recipe.model.arch} model on {lm.kind} data, which "

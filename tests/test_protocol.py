@@ -111,3 +111,14 @@ def test_kill_9_and_resume_matches_a_straight_run(tmp_path):
         for k in a[f]:
             assert torch.equal(a[f][k], b[f][k]), f"{f}:{k}"
     assert read_metrics(straight / "metrics.jsonl") == read_metrics(killed / "metrics.jsonl")
+
+
+def test_export_refuses_a_diffusion_model_in_one_sentence(tmp_path):
+    from cmgen.cli import main
+
+    r = from_tree({"name": "f", "method": {"name": "flow"}, "data": {"name": "toy2d", "n_points": 64},
+                   "model": {"arch": "mlp", "hidden": 8, "depth": 1},
+                   "train": {"steps": 1, "batch_size": 4, "sample_n": 2}, "eval": {"steps": [2]}})
+    run = train(r, tmp_path / "run", progress=False)
+    assert main(["export", str(run), "--to", str(tmp_path / "pipe")]) == 2
+    assert not (tmp_path / "pipe").exists()
