@@ -165,8 +165,8 @@ def _nan_at(monkeypatch, bad_steps, term="loss"):
 
     real = ict.Method.loss
 
-    def loss(self, model, x, labels, step, rng):
-        out = real(self, model, x, labels, step, rng)
+    def loss(self, nets, batch, step):
+        out = real(self, nets, batch, step)
         if step in bad_steps:
             out[term] = out[term] * float("nan")
             out["loss"] = out["loss"] * float("nan")
@@ -182,12 +182,12 @@ def test_a_nan_step_is_skipped_with_a_warning_naming_the_term(tmp_path, monkeypa
     trainer.train_step()
     trainer.train_step()
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    ema_before = [s.clone() for s in trainer.ema.shadow]
+    ema_before = [s.clone() for s in trainer.parts["model"].ema.shadow]
     with pytest.warns(UserWarning, match="loss term 'pseudo_huber' is not finite; step skipped"):
         assert trainer.train_step() is None
     after = trainer.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "weights changed on a skipped step"
-    assert all(torch.equal(a, b) for a, b in zip(ema_before, trainer.ema.shadow))
+    assert all(torch.equal(a, b) for a, b in zip(ema_before, trainer.parts["model"].ema.shadow))
     assert trainer.step == 3 and trainer.nonfinite == 1
     assert trainer.train_step() is not None and trainer.nonfinite == 0
 
