@@ -68,17 +68,21 @@ def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.ndim - 1)))
 
 
-class ConsistencyDenoiser(nn.Module):
-    """Wraps a backbone F(x_in, c_noise, class_labels) into the consistency function f.
-
-    The backbone returns a tensor shaped like x. The scalings are computed in float32
-    even under autocast, so the boundary condition holds to float precision.
-    """
+class Parameterised(nn.Module):
+    """A backbone F with the recipe's noise constants; subclasses define the parameterisation."""
 
     def __init__(self, backbone: nn.Module, cfg: PrecondConfig = PrecondConfig()):
         super().__init__()
         self.backbone = backbone
         self.cfg = cfg
+
+
+class ConsistencyDenoiser(Parameterised):
+    """Wraps a backbone F(x_in, c_noise, class_labels) into the consistency function f.
+
+    The backbone returns a tensor shaped like x. The scalings are computed in float32
+    even under autocast, so the boundary condition holds to float precision.
+    """
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels=None) -> torch.Tensor:
         cfg = self.cfg
@@ -89,13 +93,8 @@ class ConsistencyDenoiser(nn.Module):
         return c_skip(s, cfg.sigma_min, cfg.sigma_data) * x32 + c_out(s, cfg.sigma_min, cfg.sigma_data) * out.float()
 
 
-class EDMDenoiser(nn.Module):
+class EDMDenoiser(Parameterised):
     """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise, y) with EDM's unshifted scalings (D(x, 0) = x)."""
-
-    def __init__(self, backbone: nn.Module, cfg: PrecondConfig = PrecondConfig()):
-        super().__init__()
-        self.backbone = backbone
-        self.cfg = cfg
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels=None) -> torch.Tensor:
         sd = self.cfg.sigma_data
@@ -109,13 +108,8 @@ class EDMDenoiser(nn.Module):
 FLOW_TIME_SCALE = 1000.0  # the backbone sees 1000 t, as SD3 and FlowMatchEulerDiscreteScheduler do
 
 
-class FlowVelocity(nn.Module):
+class FlowVelocity(Parameterised):
     """v(x, t) = F(x, 1000 t, y): the velocity eps - x_0 of x_t = (1 - t) x_0 + t eps, t in [0, 1]."""
-
-    def __init__(self, backbone: nn.Module, cfg: PrecondConfig = PrecondConfig()):
-        super().__init__()
-        self.backbone = backbone
-        self.cfg = cfg
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels=None) -> torch.Tensor:
         t = _per_sample(t, x)
