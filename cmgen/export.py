@@ -104,7 +104,7 @@ def export_model(source, out_dir, ema: bool = True) -> ExportResult:
     _check_target(out)
     lm = load_model(source, ema=ema)
     unet = _exportable_network(lm)
-    pipe, grid = _build_pipeline(unet, lm.recipe)
+    pipe, grid = _build_pipeline(unet, lm)
     _make_parent(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -135,9 +135,13 @@ def _make_parent(out: Path) -> None:
 
 
 def _exportable_network(lm):
-    if lm.parameterisation != "cm":
-        raise UserError(f"'{lm.source}' holds a {lm.parameterisation} model; cmgen export writes consistency "
-                        "models only so far, sample it with `cmgen sample` instead")
+    if lm.parameterisation == "edm" and lm.recipe.precond.c_noise != "edm":
+        raise UserError(f"'{lm.source}' is an EDM model trained with precond.c_noise={lm.recipe.precond.c_noise}; "
+                        "diffusers' EDMEulerScheduler feeds the UNet 0.25 ln(sigma), so only precond.c_noise: edm "
+                        "models export; sample this one with `cmgen sample`")
+    if lm.parameterisation not in ("cm", "edm", "flow"):
+        raise UserError(f"'{lm.source}' holds a {lm.parameterisation} model, which cmgen export does not write yet; "
+                        "sample it with `cmgen sample`")
     unet = getattr(lm.net.backbone, "unet", None)
     if lm.kind != "image" or unet is None or not hasattr(unet, "save_pretrained"):
         raise UserError(f"'{lm.source}' holds a model.arch={lm.recipe.model.arch} model on {lm.kind} data, which "
@@ -145,13 +149,17 @@ def _exportable_network(lm):
     return unet
 
 
-def _build_pipeline(unet, recipe):
-    """(pipeline, grid): stock classes for a plain UNet2DModel, cmgen's registered pipeline otherwise."""
+def _build_pipeline(unet, lm):
+    """(pipeline, grid): stock classes for a plain UNet2DModel consistency model, cmgen's registered
+    pipeline otherwise (EDM and flow models with diffusers' EDMEulerScheduler / FlowMatchEulerDiscreteScheduler)."""
     from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline, UNet2DModel
 
     from cmgen.pipelines import CMGenScheduler, pipeline_class_for
 
+    recipe = lm.recipe
     p, s = recipe.precond, recipe.sample
+    if lm.parameterisation in ("edm", "flow"):
+        return _diffusion_pipeline(unet, lm), None
     if type(unet) is UNet2DModel:
         grid = karras_grid_for(s.sigmas, p)
         sched = CMStochasticIterativeScheduler(num_train_timesteps=grid.num_train_timesteps, sigma_min=p.sigma_min,
@@ -165,6 +173,26 @@ def _build_pipeline(unet, recipe):
     sched = CMGenScheduler(sigma_min=p.sigma_min, sigma_max=p.sigma_max, sigma_data=p.sigma_data, rho=p.rho,
                            sample_sigmas=list(s.sigmas), clip_denoised=s.clip_denoised)
     return pipeline_class(unet=unet, scheduler=sched), None
+
+
+def _diffusion_pipeline(unet, lm):
+    from diffusers import EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
+
+    from cmgen.pipelines import pipeline_class_for
+
+    p, s = lm.recipe.precond, lm.recipe.sample
+    if lm.parameterisation == "edm":
+        sched = EDMEulerScheduler(sigma_min=p.sigma_min, sigma_max=p.sigma_max, sigma_data=p.sigma_data, rho=p.rho,
+                                  sigma_schedule="karras", prediction_type="epsilon", final_sigmas_type="zero")
+    else:
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=s.shift)
+    pipeline_class = pipeline_class_for(unet, lm.parameterisation)
+    if pipeline_class is None:
+        raise UserError(f"no cmgen pipeline class is registered for a {lm.parameterisation} "
+                        f"{type(unet).__name__}; add it to cmgen.pipelines.PIPELINES")
+    return pipeline_class(unet=unet, scheduler=sched, null_label=lm.null_label,
+                          num_classes=lm.num_classes or None, default_sampler=lm.sampler().name,
+                          default_steps=s.steps)
 
 
 def _write_sidecar_files(folder: Path, lm, pipe, grid: Optional[KarrasGrid], ema: bool) -> None:
@@ -209,7 +237,7 @@ def model_card(lm, info: dict, grid: Optional[KarrasGrid]) -> str:
         f"{' (class-conditional)' if r.model.class_conditional else ''}, images in [-1, 1].\n",
         "## Use\n\nPATH is this folder (or the hub id it was uploaded to).\n\n```python\n"
         + _usage(info, grid, sigmas, r.model.class_conditional) + "```\n",
-        _sigma_section(p, sigmas, grid, r.sample.clip_denoised),
+        _sigma_section(p, sigmas, grid, r.sample.clip_denoised) if lm.parameterisation == "cm" else "",
         _metrics_section(lm.source, info["step"]),
         "## Recipe\n\n```yaml\n" + dump_recipe(r) + "```\n",
     ]
@@ -229,6 +257,11 @@ def _usage(info: dict, grid: Optional[KarrasGrid], sigmas: list, class_condition
                 'pipe = DiffusionPipeline.from_pretrained("PATH")  # diffusers alone, works offline\n'
                 f"images = pipe({args}, num_inference_steps=1).images  # 1 step\n" + two)
     name, shown = info["pipeline_class"], ", ".join(f"{s:g}" for s in sigmas[:2])
+    if name in ("CMGenEDMPipeline", "CMGenFlowPipeline"):
+        samplers = "heun (default), euler" if name == "CMGenEDMPipeline" else "euler (default), sde"
+        return (head + f"from cmgen.pipelines import {name}\n\n"
+                f'pipe = {name}.from_pretrained("PATH")\n'
+                f"images = pipe({args}, num_inference_steps=18, sampler=...).images  # samplers: {samplers}\n")
     return (head + f"from cmgen.pipelines import {name}\n\n"
             f'pipe = {name}.from_pretrained("PATH")\n'
             '# or with diffusers (cmgen installed): DiffusionPipeline.from_pretrained("PATH", '

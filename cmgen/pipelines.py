@@ -11,8 +11,13 @@ noise levels. Load an exported folder offline with
 or, through diffusers alone (cmgen must be installed):
 `DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)`.
 
-Later methods add their pipeline classes here and one entry per network class to `PIPELINES`,
-so `cmgen export` picks them automatically.
+EDM and flow models export with diffusers' own schedulers, `EDMEulerScheduler` and
+`FlowMatchEulerDiscreteScheduler`: `CMGenEDMPipeline` / `CMGenFlowPipeline` run their Euler
+sampler through the stock scheduler's `scale_model_input`/`step` (which reproduces cmgen's Euler
+sampler) and cmgen's own Heun and SDE samplers with the scheduler's constants otherwise.
+
+Later methods add their pipeline classes here and one entry per (parameterisation, network class)
+to `PIPELINES`, so `cmgen export` picks them automatically.
 """
 from __future__ import annotations
 
@@ -70,6 +75,33 @@ def generator_noise(generator: Generators, batch_size: int, shape: tuple[int, ..
     return noise
 
 
+def _class_labels(unet, class_labels, batch_size: int, device, num_classes: Optional[int] = None):
+    """Label j % classes for image j when none are given (as `cmgen sample` does); None if unconditional."""
+    embeds = unet.config.num_class_embeds
+    if not embeds:
+        return None
+    if class_labels is None:
+        class_labels = torch.arange(batch_size) % (num_classes or embeds)
+    return torch.as_tensor(class_labels, dtype=torch.long).reshape(-1).expand(batch_size).to(device)
+
+
+def _sample_shape(unet) -> tuple[int, ...]:
+    cfg = unet.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
+    return (cfg.in_channels, *size)
+
+
+def _images(x: torch.Tensor, output_type: str, numpy_to_pil):
+    image = (x / 2 + 0.5).clamp(0, 1)
+    if output_type in ("np", "pil"):
+        image = image.cpu().permute(0, 2, 3, 1).numpy()
+        if output_type == "pil":
+            image = numpy_to_pil(image)
+    elif output_type != "pt":
+        raise ValueError(f"output_type must be pt, np or pil, got {output_type!r}")
+    return image
+
+
 class CMGenPipeline(DiffusionPipeline):
     """One- or few-step sampling of a consistency network f = c_skip x + c_out F(c_in x, 250 ln sigma, y)."""
 
@@ -96,36 +128,158 @@ class CMGenPipeline(DiffusionPipeline):
         """
         from cmgen.sampling import consistency_multistep
 
-        cfg, device = self.unet.config, self._execution_device
+        device = self._execution_device
         sigmas = self.scheduler.set_timesteps(num_inference_steps, sigmas)
-        labels = None
-        if cfg.num_class_embeds:
-            labels = torch.arange(batch_size) % cfg.num_class_embeds if class_labels is None else class_labels
-            labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).expand(batch_size).to(device)
-        size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
-        noise = generator_noise(generator, batch_size, (cfg.in_channels, *size), device)
+        labels = _class_labels(self.unet, class_labels, batch_size, device)
+        noise = generator_noise(generator, batch_size, _sample_shape(self.unet), device)
         x = consistency_multistep(self.denoiser(), noise, sigmas, sigma_min=self.scheduler.config.sigma_min,
                                   class_labels=labels, clip_denoised=self.scheduler.config.clip_denoised)
-        image = (x / 2 + 0.5).clamp(0, 1)
-        if output_type == "np" or output_type == "pil":
-            image = image.cpu().permute(0, 2, 3, 1).numpy()
-            if output_type == "pil":
-                image = self.numpy_to_pil(image)
-        elif output_type != "pt":
-            raise ValueError(f"output_type must be pt, np or pil, got {output_type!r}")
+        image = _images(x, output_type, self.numpy_to_pil)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=image) if return_dict else (image,)
 
 
-# The registry: network class -> the cmgen pipeline class that samples it (looked up along the
-# class's MRO). A new exportable network adds one entry here. Its module is thereby imported with
-# cmgen.pipelines, which diffusers 0.42 requires: it loads components only from modules already
-# imported, so `CMGenPipeline.from_pretrained` in a fresh process relies on these imports.
-PIPELINES: dict[type, type] = {UNet2DModel: CMGenPipeline, NsLNUNet2DModel: CMGenPipeline}
+class _GuidedPipeline(DiffusionPipeline):
+    """An EDM or flow network with a stock scheduler, class labels and classifier-free guidance.
+
+    `null_label` (stored in model_index.json) is the class index that means "no class"; it is set
+    when the model was trained with label dropout, and guidance_scale != 1 needs it.
+    """
+
+    model_cpu_offload_seq = "unet"
+    samplers: tuple[str, ...] = ()
+
+    def __init__(self, unet, scheduler, null_label: Optional[int] = None, num_classes: Optional[int] = None,
+                 default_sampler: Optional[str] = None, default_steps: int = 1):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(null_label=null_label, num_classes=num_classes,
+                                default_sampler=default_sampler or self.samplers[0], default_steps=default_steps)
+
+    def _raw(self, x, t, labels, guidance_scale: float):
+        """The UNet's output F, guided as uncond + w (cond - uncond) (D and v are affine in F)."""
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])
+        if guidance_scale == 1.0:
+            return self.unet(x, t, class_labels=labels).sample
+        null = torch.full_like(labels, self.config.null_label)
+        out = self.unet(torch.cat([x, x]), torch.cat([t, t]), class_labels=torch.cat([labels, null])).sample
+        cond, uncond = out.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    def _guided(self, net, guidance_scale: float):
+        from cmgen.sampling.registry import guided
+
+        return guided(net, guidance_scale, self.config.null_label)
+
+    def _check(self, sampler: str, guidance_scale: float, labels) -> None:
+        if sampler not in self.samplers:
+            raise ValueError(f"sampler must be one of {', '.join(self.samplers)}, got {sampler!r}")
+        if guidance_scale != 1.0 and (labels is None or self.config.null_label is None):
+            raise ValueError("guidance_scale != 1 needs a class-conditional model trained with label dropout")
+
+    @torch.no_grad()
+    def __call__(self, batch_size: int = 1, class_labels=None, num_inference_steps: Optional[int] = None,
+                 sampler: Optional[str] = None, guidance_scale: float = 1.0, generator: Generators = None,
+                 output_type: str = "pil", return_dict: bool = True, **options):
+        """Images from `num_inference_steps` steps of `sampler` (defaults: the recipe's).
+
+        Class-conditional models without `class_labels` use label j % num_classes for image j, as
+        `cmgen sample` does. `options`: churn (EDM Heun), sde_a (flow SDE).
+        """
+        device = self._execution_device
+        sampler = sampler or self.config.default_sampler
+        steps = num_inference_steps or self.config.default_steps
+        labels = _class_labels(self.unet, class_labels, batch_size, device, self.config.num_classes)
+        self._check(sampler, guidance_scale, labels)
+        noise = generator_noise(generator, batch_size, _sample_shape(self.unet), device)
+        x = self._sample(sampler, steps, noise, labels, guidance_scale, options)
+        image = _images(x, output_type, self.numpy_to_pil)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=image) if return_dict else (image,)
 
 
-def pipeline_class_for(network: torch.nn.Module) -> Optional[type]:
+class CMGenEDMPipeline(_GuidedPipeline):
+    """EDM denoiser D = c_skip x + c_out F(c_in x, 0.25 ln sigma, y) with an `EDMEulerScheduler`.
+
+    `sampler="euler"` runs the stock scheduler; `"heun"` runs cmgen's EDM Heun (Algorithm 1, or 2
+    with `churn`) on the scheduler's Karras levels. The initial noise is scaled by sigma_max (EDM);
+    the scheduler's `init_noise_sigma` (sqrt(sigma_max^2 + 1)) is not used.
+    """
+
+    samplers = ("heun", "euler")
+
+    def denoiser(self):
+        from cmgen.models.unet import UNetBackbone
+        from cmgen.precond import EDMDenoiser
+
+        c = self.scheduler.config
+        precond = PrecondConfig(sigma_min=c.sigma_min, sigma_max=c.sigma_max, sigma_data=c.sigma_data, rho=c.rho,
+                                c_noise="edm")
+        return EDMDenoiser(UNetBackbone(self.unet), precond).eval()
+
+    def _sample(self, sampler, steps, noise, labels, guidance_scale, options):
+        from cmgen.sampling.edm import edm_heun, edm_sigmas
+
+        sched, c = self.scheduler, self.scheduler.config
+        if sampler == "heun":
+            sigmas = edm_sigmas(steps, c.sigma_min, c.sigma_max, c.rho)
+            return edm_heun(self._guided(self.denoiser(), guidance_scale), noise, sigmas, class_labels=labels,
+                            churn=float(options.get("churn", 0.0)))
+        sched.set_timesteps(steps, device=self._execution_device)
+        x = noise(0).float() * sched.sigmas[0]
+        for t in sched.timesteps:
+            out = self._raw(sched.scale_model_input(x, t), t, labels, guidance_scale)
+            x = sched.step(out, t, x).prev_sample
+        return x
+
+
+class CMGenFlowPipeline(_GuidedPipeline):
+    """Flow velocity v = F(x, 1000 t, y) with a `FlowMatchEulerDiscreteScheduler` (its `shift` is SD3's).
+
+    `sampler="euler"` runs the stock scheduler on evenly spaced times; `"sde"` runs cmgen's SDE
+    sampler with the same marginals (Flow-GRPO) on the same shifted times.
+    """
+
+    samplers = ("euler", "sde")
+
+    def velocity(self):
+        from cmgen.models.unet import UNetBackbone
+        from cmgen.precond import FlowVelocity
+
+        return FlowVelocity(UNetBackbone(self.unet)).eval()
+
+    def _sample(self, sampler, steps, noise, labels, guidance_scale, options):
+        import numpy as np
+
+        from cmgen.sampling.flow import flow_sde, flow_times
+
+        sched = self.scheduler
+        if sampler == "sde":
+            return flow_sde(self._guided(self.velocity(), guidance_scale), noise,
+                            flow_times(steps, sched.config.shift), class_labels=labels,
+                            a=float(options.get("sde_a", 0.7)))
+        sched.set_timesteps(sigmas=list(np.linspace(1.0, 0.0, steps + 1)[:-1]), device=self._execution_device)
+        x = noise(0).float()
+        for t in sched.timesteps:
+            x = sched.step(self._raw(x, t, labels, guidance_scale), t, x).prev_sample
+        return x
+
+
+# The registry: parameterisation -> network class -> the cmgen pipeline class that samples it
+# (looked up along the class's MRO). A new exportable network adds one entry here. Its module is
+# thereby imported with cmgen.pipelines, which diffusers 0.42 requires: it loads components only
+# from modules already imported, so `CMGenPipeline.from_pretrained` in a fresh process relies on
+# these imports.
+PIPELINES: dict[str, dict[type, type]] = {
+    "cm": {UNet2DModel: CMGenPipeline, NsLNUNet2DModel: CMGenPipeline},
+    "edm": {UNet2DModel: CMGenEDMPipeline, NsLNUNet2DModel: CMGenEDMPipeline},
+    "flow": {UNet2DModel: CMGenFlowPipeline, NsLNUNet2DModel: CMGenFlowPipeline},
+}
+
+
+def pipeline_class_for(network: torch.nn.Module, parameterisation: str = "cm") -> Optional[type]:
+    table = PIPELINES.get(parameterisation, {})
     for cls in type(network).__mro__:
-        if cls in PIPELINES:
-            return PIPELINES[cls]
+        if cls in table:
+            return table[cls]
     return None

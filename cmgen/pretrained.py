@@ -18,7 +18,7 @@ from cmgen.errors import UserError
 from cmgen.precond import PrecondConfig
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-SCHEDULERS = ("CMStochasticIterativeScheduler", "CMGenScheduler")
+SCHEDULERS = ("CMStochasticIterativeScheduler", "CMGenScheduler", "EDMEulerScheduler", "FlowMatchEulerDiscreteScheduler")
 # UNet config keys that may differ between the source and the recipe's model
 _FREE_CONFIG_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values", "dropout"}
 
@@ -92,7 +92,7 @@ def _load_network(cls, folder: Path, where: str):
 
 
 def read_pipeline_parts(path) -> tuple[dict, object, dict]:
-    """(model_index, network, scheduler config) of a consistency pipeline folder."""
+    """(model_index, network, scheduler config) of a consistency pipeline folder or a cmgen EDM/flow export."""
     folder = Path(path)
     index = _read_json(folder / "model_index.json", "diffusers pipeline folder")
     entry = index.get("unet")
@@ -102,7 +102,7 @@ def read_pipeline_parts(path) -> tuple[dict, object, dict]:
     sched = _read_json(folder / "scheduler" / "scheduler_config.json", "diffusers pipeline folder")
     if sched.get("_class_name") not in SCHEDULERS:
         raise UserError(f"'{folder}' uses the scheduler {sched.get('_class_name')}, not a consistency-model "
-                        f"scheduler ({' or '.join(SCHEDULERS)}); cmgen cannot sample it")
+                        f"scheduler ({', '.join(SCHEDULERS)}); cmgen cannot sample it")
     network = _load_network(_network_class(*entry, str(folder)), folder / "unet", str(folder))
     return index, network, sched
 

@@ -168,6 +168,8 @@ def _coerce(value, tp, key: str):
             raise UserError(f"recipe key '{key}' must be true or false, got {_show(value)}")
         return value
     if tp is str:
+        if value is False:  # YAML 1.1 reads a bare `no` (mixed_precision: no, log_with: no) as false
+            value = "no"
         if not isinstance(value, str):
             raise UserError(f"recipe key '{key}' must be a string, got {_show(value)}")
         return value

@@ -54,9 +54,11 @@ def load_model(path, ema: bool = True, device="cpu") -> Generator:
 
 
 def load_pipeline_model(path, device="cpu"):
-    """A diffusers consistency pipeline folder as a Generator (for `cmgen sample` / `cmgen eval`)."""
+    """A diffusers pipeline folder as a Generator (for `cmgen sample` / `cmgen eval`): any cmgen export,
+    or a foreign consistency pipeline."""
+    from cmgen.generator import parameterisation_of
     from cmgen.models.unet import UNetBackbone
-    from cmgen.precond import ConsistencyDenoiser
+    from cmgen.precond import NETWORKS
     from cmgen.recipe import from_tree, read_yaml
 
     folder = Path(path)
@@ -64,15 +66,20 @@ def load_pipeline_model(path, device="cpu"):
     defaults = PrecondConfig()
     precond = PrecondConfig(**{k: float(sched.get(k, getattr(defaults, k)))
                                for k in ("sigma_min", "sigma_max", "sigma_data", "rho")})
-    model = ConsistencyDenoiser(UNetBackbone(unet), precond).to(device).eval()
+    recipe = from_tree(read_yaml(folder / RECIPE_FILE)) if (folder / RECIPE_FILE).is_file() else None
+    if recipe is None and sched.get("_class_name") in ("EDMEulerScheduler", "FlowMatchEulerDiscreteScheduler"):
+        raise UserError(f"'{folder}' is a {sched['_class_name']} pipeline without {RECIPE_FILE}; cmgen samples "
+                        "the EDM and flow pipelines it exported itself")
+    parameterisation = parameterisation_of(recipe) if recipe is not None else "cm"
+    if recipe is not None:
+        precond = recipe.precond
+    model = NETWORKS[parameterisation](UNetBackbone(unet), precond).to(device).eval()
     cfg = unet.config
     size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
     info = _read_json(folder / EXPORT_FILE, "cmgen export") if (folder / EXPORT_FILE).is_file() else {}
     shape = tuple(info.get("data_shape") or (cfg.in_channels, *size))
     num_classes = int(info.get("num_classes", cfg.num_class_embeds or 0))
-    if (folder / RECIPE_FILE).is_file():
-        recipe = from_tree(read_yaml(folder / RECIPE_FILE))
-    else:
+    if recipe is None:
         recipe = foreign_recipe(folder, unet, sched, precond, shape, num_classes)
     return Generator(model, recipe, shape, num_classes, info.get("data_kind", "image"), step=info.get("step"),
                      source=folder)

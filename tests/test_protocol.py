@@ -113,7 +113,7 @@ def test_kill_9_and_resume_matches_a_straight_run(tmp_path):
     assert read_metrics(straight / "metrics.jsonl") == read_metrics(killed / "metrics.jsonl")
 
 
-def test_export_refuses_a_diffusion_model_in_one_sentence(tmp_path):
+def test_export_refuses_a_flow_model_on_points_in_one_sentence(tmp_path):
     from cmgen.cli import main
 
     r = from_tree({"name": "f", "method": {"name": "flow"}, "data": {"name": "toy2d", "n_points": 64},
