@@ -9,7 +9,8 @@ Pipelines load lazily (no diffusers import on `import cmgen`):
 """
 __version__ = "0.1.0"
 
-_LAZY = {"CMGenPipeline": "cmgen.pipelines", "CMGenScheduler": "cmgen.pipelines"}
+_LAZY = {"CMGenPipeline": "cmgen.pipelines", "CMGenScheduler": "cmgen.pipelines",
+         "CMGenEDMPipeline": "cmgen.pipelines", "CMGenFlowPipeline": "cmgen.pipelines"}
 
 
 def __getattr__(name):

@@ -194,11 +194,33 @@ def cmd_recipes(args) -> int:
 
 # ----------------------------------------------------------------------------- parser
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import cmgen
+
+    try:
+        installed = version("cmgen")
+    except PackageNotFoundError:
+        installed = cmgen.__version__
+    return f"cmgen {installed} (torch {_dist_version('torch')}, diffusers {_dist_version('diffusers')})"
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cmgen", description="Consistency and diffusion generative models: "
                                 "train from recipes, sample in one or two steps, evaluate, export to diffusers.",
                                 epilog=EPILOG)
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     t = sub.add_parser("train", help="train from a recipe file", epilog=EPILOG)

@@ -17,13 +17,16 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 def image_grid(images: np.ndarray, nrow: int | None = None, pad: int = 1, upscale: int = 1) -> np.ndarray:
     """NHWC uint8 -> one HWC uint8 grid image."""
-    n, h, w, c = images.shape
+    from einops import rearrange
+
+    n = images.shape[0]
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
     ncol = math.ceil(n / nrow)
-    grid = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
-    for k in range(n):
-        r, q = divmod(k, nrow)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[k]
+    # white padding right of and below every tile (and blank tiles to fill the last row), then tiles
+    # row-major into one image, then the top and left border
+    tiles = np.pad(images, ((0, nrow * ncol - n), (0, pad), (0, pad), (0, 0)), constant_values=255)
+    grid = rearrange(tiles, "(r q) h w c -> (r h) (q w) c", q=nrow)
+    grid = np.pad(grid, ((pad, 0), (pad, 0), (0, 0)), constant_values=255)
     if upscale > 1:
         grid = grid.repeat(upscale, 0).repeat(upscale, 1)
     return grid

@@ -18,7 +18,15 @@ import yaml
 from cmgen.errors import UserError
 from cmgen.precond import PrecondConfig
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+def _recipe_dir() -> Path:
+    """The shipped recipes: package data `cmgen.recipes` (the top-level recipes/ folder of a checkout)."""
+    from importlib.resources import files
+
+    return Path(str(files("cmgen.recipes")))
+
+
+RECIPE_DIR = _recipe_dir()
 
 
 @dataclass(frozen=True)
@@ -344,6 +352,9 @@ def validate(r: Recipe) -> None:
     from cmgen.methods import method_class
     from cmgen.sampling.registry import SAMPLERS
 
+    problems = getattr(r.method, "problems", None)  # a method's own cross-field checks, one sentence each
+    for msg in problems() if problems else ():
+        raise UserError(msg)
     param = method_class(r).parameterisation
     need(r.sample.sampler is None or r.sample.sampler in SAMPLERS[param],
          f"recipe key 'sample.sampler' must be one of {', '.join(SAMPLERS[param])} for method "

@@ -50,11 +50,21 @@ def _flat(d, prefix=""):
 
 
 def check_resume_recipe(recipe, ckpt: Path):
-    """The recipe, if only RESUMABLE keys differ from the checkpoint's; else a one-line error."""
+    """The recipe, if only RESUMABLE keys differ from the checkpoint's; else a one-line error.
+
+    Method defaults fixed at the run's start (Method.resolve, e.g. iCT's K) come from the checkpoint:
+    a method key left unset (None) takes the stored value, computed from the stored recipe."""
+    from cmgen.methods import resolve_recipe
     from cmgen.recipe import from_tree, read_yaml, recipe_to_dict
 
-    saved = from_tree(read_yaml(ckpt / "recipe.yaml"))
+    saved = resolve_recipe(from_tree(read_yaml(ckpt / "recipe.yaml")))
     fo, fn = dict(_flat(recipe_to_dict(saved))), dict(_flat(recipe_to_dict(recipe)))
+    fixed = {k: fo[k] for k, v in fn.items() if k.startswith("method.") and v is None and fo.get(k) is not None}
+    if fixed:
+        from dataclasses import replace
+
+        recipe = replace(recipe, method=replace(recipe.method, **{k.split(".", 1)[1]: v for k, v in fixed.items()}))
+        fn.update(fixed)
     for key, value in fn.items():
         if key in ("name", "description"):
             continue

@@ -103,14 +103,14 @@ class Trainer:
 
         from cmgen.data import training_data
         from cmgen.generator import Generator
-        from cmgen.methods import Dist, Nets, build_method
+        from cmgen.methods import Dist, Nets, build_method, resolve_recipe
         from cmgen.rng import IndexSampler
 
         self.smoke, self.progress, self.out = smoke, progress, Path(out_dir)
         resume_ckpt = state_io.find_resume(self.out, resume)
         if resume_ckpt is not None:
             recipe = state_io.check_resume_recipe(recipe, resume_ckpt)
-        self.recipe = r = recipe
+        self.recipe = r = resolve_recipe(recipe)
         t = r.train
 
         _reset_accelerator_state(t.mixed_precision)

@@ -165,12 +165,22 @@ def split_reference(split, name: str, net, opts, batch_size: int):
     return Reference(stats, {"name": f"{name} split of the run's data", "n": stats.n})
 
 
+def _sampler_tag(table, obj) -> str:
+    """'_euler', '_cfg2' ...: tables of one run made with another sampler or guidance get their own files."""
+    from cmgen.sampling.registry import DEFAULT_SAMPLER
+
+    p = table.protocol
+    default = DEFAULT_SAMPLER.get(getattr(obj, "parameterisation", ""), None)
+    tag = f"_{p['sampler']}" if p.get("sampler") and p["sampler"] != default else ""
+    return tag + (f"_cfg{p['guidance']:g}" if p.get("guidance", 1.0) != 1.0 else "")
+
+
 def cmd_fid(args) -> int:
     from cmgen.eval.report import to_text, write_table
 
     table, kind, obj = compute_table(args, "1,2")
     out = Path(args.out) if args.out else default_out_dir(args.target, kind)
-    stem = f"fid_{table.metric}{run_step_tag(obj)}"
+    stem = f"fid_{table.metric}{_sampler_tag(table, obj)}{run_step_tag(obj)}"
     written = write_table(table, out, stem, title=f"{table.metric} of {args.target}")
     print(to_text(table), end="")
     _print_written(written)
@@ -186,7 +196,7 @@ def cmd_sweep(args) -> int:
                         "use cmgen eval fid for samples made elsewhere")
     table, kind, obj = compute_table(args, "1,2,4,8")
     out = Path(args.out) if args.out else default_out_dir(args.target, kind)
-    stem = f"sweep_{table.metric}{run_step_tag(obj)}"
+    stem = f"sweep_{table.metric}{_sampler_tag(table, obj)}{run_step_tag(obj)}"
     written = write_table(table, out, stem, title=f"{table.metric} vs NFE of {args.target}")
     written.append(save_sweep_plot(table, out / f"{stem}.png"))
     print(to_text(table), end="")

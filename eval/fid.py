@@ -56,9 +56,14 @@ def evaluate_source(source: Source, net: FeatureNet, ref: Reference, opts: Metri
     return sample_metrics(accumulate(source, net, opts.keep), ref, net, opts)
 
 
-def protocol_of(net: FeatureNet, ref: Reference, n: int, extra: Optional[dict] = None) -> dict:
+def protocol_of(net: FeatureNet, ref: Reference, n: int, extra: Optional[dict] = None,
+                keep: Optional[int] = None) -> dict:
+    from cmgen.eval.frechet import SUBSAMPLE_SEED
+
     p = {"metric": net.metric, **{k: v for k, v in net.protocol.items()}, "n": n, "reference": ref.description}
     p.setdefault("mode", "n/a")
+    if keep is not None:
+        p["subsample"] = {"keep": keep, "seed": SUBSAMPLE_SEED}
     return p | (extra or {})
 
 
@@ -73,7 +78,7 @@ def evaluate_model_steps(gen, steps_list: Sequence[int], n: int, net: FeatureNet
     extra = {"samples": f"{gen.source}", "seed": seed, "sampler": spec.name} | (extra_protocol or {})
     if guidance != 1.0:
         extra["guidance"] = guidance
-    table = Table(net.metric, protocol_of(net, ref, n, extra))
+    table = Table(net.metric, protocol_of(net, ref, n, extra, keep=opts.keep))
     for steps in steps_list:
         times = gen.times(steps, spec.name)
         src = model_source(gen, times, n, sampler=spec.name, guidance=guidance, seed=seed, batch_size=batch_size,
@@ -85,6 +90,6 @@ def evaluate_model_steps(gen, steps_list: Sequence[int], n: int, net: FeatureNet
 
 def evaluate_samples(source: Source, net: FeatureNet, ref: Reference, opts: MetricOptions) -> Table:
     """Samples made elsewhere (a folder or an .npz): one row, steps unknown."""
-    table = Table(net.metric, protocol_of(net, ref, source.n, {"samples": source.name}))
+    table = Table(net.metric, protocol_of(net, ref, source.n, {"samples": source.name}, keep=opts.keep))
     table.rows.append({"steps": None, "nfe": None} | evaluate_source(source, net, ref, opts))
     return table

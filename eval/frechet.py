@@ -42,21 +42,30 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return max(0.0, float(value))  # >= 0 by definition; rounding can leave -1e-12 for identical sets
 
 
+SUBSAMPLE_SEED = 0
+
+
 class FeatureStats:
-    """Mean and covariance of features accumulated batch by batch, plus the first `keep` features.
+    """Mean and covariance of features accumulated batch by batch, plus a seeded uniform random
+    subset of at most `keep` features.
 
     The batches are merged with the pairwise update of Chan, Golub & LeVeque (1979), which
     avoids the cancellation of the sum-of-squares formula. The kept features serve the
-    metrics that need samples rather than moments (precision/recall, KID, SWD, MMD).
+    metrics that need samples rather than moments (precision/recall, KID, SWD, MMD). They are a
+    reservoir sample (Vitter's algorithm R) drawn with a generator seeded by `seed`: every row of
+    the stream is kept with probability keep / n, so a class-sorted folder is covered evenly, and
+    the same stream always keeps the same rows.
     """
 
-    def __init__(self, keep: int = 10000):
+    def __init__(self, keep: int = 10000, seed: int = SUBSAMPLE_SEED):
         self.keep = int(keep)
+        self.seed = int(seed)
         self.n = 0
         self._mean: Optional[np.ndarray] = None
         self._m2: Optional[np.ndarray] = None   # sum of outer products of deviations from the mean
         self._kept: list[np.ndarray] = []
         self._n_kept = 0
+        self._rng = np.random.default_rng(seed)
 
     def update(self, feats) -> None:
         f = np.asarray(feats, np.float64)
@@ -75,11 +84,24 @@ class FeatureStats:
             delta = mean_b - self._mean
             self._mean = self._mean + delta * (b / total)
             self._m2 = self._m2 + m2_b + np.outer(delta, delta) * (self.n * b / total)
+        first = self.n  # stream index of this batch's first row
         self.n += b
-        if self._n_kept < self.keep:
-            take = f[: self.keep - self._n_kept].astype(np.float32)
-            self._kept.append(take)
-            self._n_kept += len(take)
+        self._reservoir(f, first)
+
+    def _reservoir(self, f: np.ndarray, first: int) -> None:
+        fill = min(len(f), max(0, self.keep - self._n_kept))
+        if fill:
+            self._kept.append(f[:fill].astype(np.float32))
+            self._n_kept += fill
+        if fill == len(f) or self.keep == 0:
+            return
+        # row with stream index i >= keep replaces slot j ~ U{0..i} when j < keep
+        idx = np.arange(first + fill, first + len(f))
+        slots = self._rng.integers(0, idx + 1)
+        kept = self.kept
+        for row, slot in zip(range(fill, len(f)), slots):
+            if slot < self.keep:
+                kept[slot] = f[row]
 
     @property
     def dim(self) -> int:

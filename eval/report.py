@@ -41,7 +41,13 @@ def protocol_lines(table: Table) -> list[str]:
     lines = [f"feature net: {p.get('features')} ({table.metric})" + (f", weights {p['weights']}" if p.get("weights") else ""),
              f"mode: {p.get('mode', 'n/a')}; n: {p.get('n')} samples per row; reference: {ref_text}"]
     if p.get("samples"):
-        lines.append(f"samples: {p['samples']}" + (f", seed {p['seed']}" if "seed" in p else ""))
+        lines.append(f"samples: {p['samples']}" + (f", seed {p['seed']}" if "seed" in p else "")
+                     + (f", sampler {p['sampler']}" if p.get("sampler") else "")
+                     + (f", guidance {p['guidance']:g}" if p.get("guidance") else ""))
+    sub = p.get("subsample")
+    if sub:
+        lines.append(f"precision/recall/KID: a seeded uniform draw (seed {sub['seed']}) of up to {sub['keep']} "
+                     "feature rows per set; FD uses every sample")
     if p.get("warning"):
         lines.append(f"WARNING: {p['warning']}")
     return lines
@@ -96,19 +102,27 @@ def primary_key(metric: str) -> str:
 
 def save_sweep_plot(table: Table, path) -> Optional[Path]:
     key = primary_key(table.metric)
-    pts = [(r["nfe"], r[key]) for r in table.rows if r.get("nfe") is not None and r.get(key) is not None]
+    pts = [(r["nfe"], r[key]) for r in table.rows if r.get("nfe") and r.get(key) is not None]
+    floor = [r[key] for r in table.rows if r.get("nfe") == 0 and r.get(key) is not None]  # the `real` row
     if not pts:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
     x, y = zip(*sorted(pts))
-    ax.plot(x, y, "o-")
+    sampler = table.protocol.get("sampler")
+    guidance = table.protocol.get("guidance")
+    label = (sampler or "samples") + (f", cfg {guidance:g}" if guidance else "")
+    ax.plot(x, y, "o-", label=label)
+    if floor:
+        ax.axhline(floor[0], color="k", ls="--", lw=1, label=f"real data ({floor[0]:.3g})")
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(x), [str(v) for v in x])
     ax.set_xlabel("NFE (network evaluations per sample)")
     ax.set_ylabel("SWD" if key == "swd" else table.metric)
+    ax.set_yscale("log")
     ax.set_title(f"{table.metric if key == 'fd' else 'SWD'} vs NFE (n={table.protocol.get('n')})", fontsize=10)
-    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -114,6 +114,25 @@ def test_sweep_writes_a_plot(digits_run, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_sweeps_with_other_samplers_or_guidance_get_their_own_files(tmp_path, capsys):
+    from cmgen.recipe import load_recipe
+    from cmgen.train import train
+
+    run = train(load_recipe("fm_digits", ["train.steps=2", "train.batch_size=8", "model.block_out_channels=[16,32]",
+                                          "model.norm_num_groups=8", "model.attention_head_dim=8",
+                                          "train.sample_n=4", "train.checkpoint_every=2"]),
+                out_dir=tmp_path / "fm", progress=False)
+    out = tmp_path / "sweeps"
+    for extra in ([], ["--sampler", "sde"], ["--cfg", "2"]):
+        assert cli(["eval", "sweep", str(run), "--n", "32", "--steps", "1,2", "--ref", "holdout", "--out", str(out)]
+                   + extra + FAST) == 0
+    names = sorted(p.name for p in out.glob("sweep_*.json"))
+    assert names == ["sweep_FD-digits_cfg2_step2.json", "sweep_FD-digits_sde_step2.json", "sweep_FD-digits_step2.json"]
+    sde = json.loads((out / "sweep_FD-digits_sde_step2.json").read_text())
+    assert sde["protocol"]["sampler"] == "sde" and [r["nfe"] for r in sde["rows"]] == [1, 2, 0]  # + the real row
+    assert "sampler sde" in capsys.readouterr().out
+
+
 def test_points_run_reports_swd_and_mmd_against_fresh_true_samples(toy_run, tmp_path, capsys):
     out = tmp_path / "o"
     assert cli(["eval", "fid", str(toy_run), "--n", "300", "--steps", "1", "--out", str(out)] + FAST) == 0

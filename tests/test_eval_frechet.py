@@ -79,7 +79,11 @@ def test_streaming_statistics_equal_the_batch_ones():
     assert stats.n == 257
     np.testing.assert_allclose(stats.mean, f.mean(0), rtol=1e-12)
     np.testing.assert_allclose(stats.cov, np.cov(f, rowvar=False), rtol=1e-8, atol=1e-10)
-    np.testing.assert_array_equal(stats.kept, f[:100].astype(np.float32))
+    once = FeatureStats(keep=100)
+    once.update(f)
+    np.testing.assert_array_equal(stats.kept, once.kept)  # the kept draw does not depend on the batching
+    rows = {r.tobytes() for r in f.astype(np.float32)}
+    assert len({r.tobytes() for r in stats.kept}) == 100 and all(r.tobytes() in rows for r in stats.kept)
 
 
 def test_fd_between_stats_matches_cleanfid_on_features():
@@ -95,3 +99,26 @@ def test_fd_between_stats_matches_cleanfid_on_features():
         warnings.simplefilter("ignore")
         theirs = fid_from_feats(a, b)
     assert fd_between(sa, sb) == pytest.approx(float(theirs), rel=1e-6)
+
+
+def test_kept_features_are_a_seeded_uniform_draw_not_the_first_rows():
+    from cmgen.eval.frechet import FeatureStats
+
+    # a class-sorted stream: 10 classes of 100 rows each, feature 0 = class, feature 1 = row index
+    rows = np.stack([np.repeat(np.arange(10), 100), np.arange(1000)], 1).astype(np.float64)
+
+    def kept(batch, seed=0):
+        st = FeatureStats(keep=100, seed=seed)
+        for i in range(0, len(rows), batch):
+            st.update(rows[i:i + batch])
+        return st.kept
+
+    a = kept(64)
+    assert a.shape == (100, 2) and len(np.unique(a[:, 1])) == 100  # distinct rows of the stream
+    assert set(np.unique(a[:, 0]).astype(int)) == set(range(10))   # every class, not the first one
+    assert 350 < a[:, 1].mean() < 650                               # uniform over the stream
+    assert np.array_equal(a, kept(64)) and np.array_equal(a, kept(256))  # seeded; batching does not matter
+    assert not np.array_equal(a, kept(64, seed=1))
+    few = FeatureStats(keep=100)
+    few.update(rows[:30])
+    assert np.array_equal(few.kept, rows[:30].astype(np.float32))   # fewer rows than keep: all of them

@@ -86,3 +86,22 @@ def test_bf16_autocast_runs_on_the_cpu(tmp_path, tiny_digits_overrides):
     # weights stay float32 under autocast
     w = load_file(str(run / "checkpoints" / "step-00000003" / "model.safetensors"))
     assert all(v.dtype == torch.float32 for v in w.values())
+
+
+def test_resume_with_a_new_train_steps_keeps_the_curriculum_length(tmp_path, tiny_digits_overrides):
+    from cmgen.errors import UserError
+    from cmgen.recipe import from_tree, read_yaml
+    from cmgen.schedules import ict_curriculum
+    from cmgen.train import Trainer
+
+    tiny = tiny_digits_overrides + ["train.checkpoint_every=20", "method.s1=160"]
+    run = train(load_recipe("ict_digits", tiny + ["train.steps=20"]), tmp_path / "run", progress=False)
+    saved = from_tree(read_yaml(run / "checkpoints" / "step-00000020" / "recipe.yaml"))
+    assert saved.method.total_steps == 20 and "total_steps: 20" in (run / "recipe.yaml").read_text()
+    longer = Trainer(load_recipe("ict_digits", tiny + ["train.steps=40"]), run, resume="auto", progress=False)
+    assert longer.step == 20 and longer.recipe.method.total_steps == 20
+    # K = 20: stage length 4, so step 20 is past the cap; K = 40 would put it back at N = 41
+    assert longer.method.discretisation(20) == ict_curriculum(20, 20, 10, 160) == 161 != ict_curriculum(20, 40, 10, 160)
+    with pytest.raises(UserError, match="method.total_steps"):
+        Trainer(load_recipe("ict_digits", tiny + ["train.steps=40", "method.total_steps=40"]), run, resume="auto",
+                progress=False)

@@ -15,10 +15,11 @@ _MODULES = {
     "ict": "cmgen.methods.ict",
     "edm": "cmgen.methods.edm",
     "flow": "cmgen.methods.flow",
+    "lct": "cmgen.methods.lct",
 }
 
 __all__ = ["Batch", "Dist", "Method", "Nets", "Part", "gate", "method_config_class", "method_name_of",
-           "method_class", "build_method"]
+           "method_class", "build_method", "resolve_recipe"]
 
 
 def _module(name: str):
@@ -61,6 +62,11 @@ def method_name_of(config) -> str:
 
 def method_class(recipe):
     return _module(method_name_of(recipe.method)).Method
+
+
+def resolve_recipe(recipe):
+    """The method's run-length defaults written into the recipe (see Method.resolve)."""
+    return method_class(recipe).resolve(recipe)
 
 
 def build_method(recipe, gen):

@@ -5,6 +5,7 @@ hook has a no-op default, so a method overrides only what it needs:
 
     class Method(cmgen.methods.Method):
         parameterisation = "cm"                 # the network the Generator wraps: cm | edm | flow
+        def resolve(cls, recipe) -> recipe      # classmethod: fix run-length defaults at the run's start
         def __init__(self, cfg, recipe, gen)    # load frozen teachers / reward nets here
         def frozen(self) -> {name: module}      # never trained, never checkpointed (teachers, VAEs)
         def parts(self) -> {name: Part}         # extra trainable networks with their own optimizer / EMA
@@ -78,6 +79,13 @@ class Method:
 
     def __init__(self, cfg, recipe, gen):
         self.cfg, self.recipe, self.gen = cfg, recipe, gen
+
+    @classmethod
+    def resolve(cls, recipe):
+        """The recipe with defaults that depend on the run's length written out, once, at the run's
+        start (iCT's curriculum length K = train.steps). A resume keeps the stored values, so a new
+        `train.steps` never re-times a schedule."""
+        return recipe
 
     def frozen(self) -> dict[str, nn.Module]:
         return {}

@@ -8,7 +8,7 @@ student itself under stop-gradient, with the same noise z and the same dropout m
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -23,7 +23,7 @@ from cmgen.schedules import ict_curriculum, karras_sigmas, lognormal_index_probs
 class Config:
     s0: int = 10                    # initial discretisation steps
     s1: int = 1280                  # final steps; short runs may cap it (e.g. 160)
-    total_steps: Optional[int] = None  # K of the curriculum; defaults to train.steps
+    total_steps: Optional[int] = None  # K of the curriculum; train.steps at the run's start, then stored
     p_mean: float = -1.1            # lognormal location of the noise-level draw
     p_std: float = 2.0              # lognormal scale
     huber_c: Optional[float] = None  # pseudo-Huber c; defaults to 0.00054 * sqrt(d)
@@ -38,6 +38,12 @@ class Method(BaseMethod):
         self.total_steps = cfg.total_steps or recipe.train.steps
         self.c = cfg.huber_c if cfg.huber_c is not None else ict_huber_c(math.prod(gen.shape))
         self._grids: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def resolve(cls, recipe):
+        if recipe.method.total_steps is not None:
+            return recipe
+        return replace(recipe, method=replace(recipe.method, total_steps=recipe.train.steps))
 
     def discretisation(self, step: int) -> int:
         return ict_curriculum(step, self.total_steps, self.cfg.s0, self.cfg.s1)
