@@ -89,8 +89,10 @@ def load_stats(path, net: FeatureNet) -> Reference:
 def _cached_named(name: str, net: FeatureNet, build, keep: int) -> Reference:
     """Named references over large sets are computed once per feature space and cached in $CMGEN_CACHE."""
     from cmgen.eval.digits_net import cache_dir
+    from cmgen.eval.frechet import SUBSAMPLE_SEED
 
-    key = hashlib.sha1(net.id.encode()).hexdigest()[:12]
+    # the kept-row policy is part of the key: caches from before the seeded draw are not reused
+    key = hashlib.sha1(f"{net.id}|keep={keep}|reservoir-seed{SUBSAMPLE_SEED}".encode()).hexdigest()[:12]
     path = cache_dir() / "refstats" / f"{name}-{net.kind}-{key}.npz"
     if path.is_file():
         ref = load_stats(path, net)

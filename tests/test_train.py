@@ -65,7 +65,10 @@ def test_run_folder_is_self_describing(tmp_path, tiny_digits_overrides):
     ckpt = run / "checkpoints" / "step-00000004"
     env = json.loads((ckpt / "environment.json").read_text())
     assert "torch" in env["versions"] and "git_revision" in env
-    assert load_recipe(ckpt / "recipe.yaml") == recipe
+    from cmgen.methods import resolve_recipe
+
+    stored = load_recipe(ckpt / "recipe.yaml")
+    assert stored == resolve_recipe(recipe) and stored.method.total_steps == 4  # K written out at the start
     state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] == 4 and state["data_shape"] == [1, 8, 8]
 
