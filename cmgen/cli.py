@@ -269,10 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _optional_commands(sub) -> None:
-    """Commands whose modules register themselves: `cmgen eval ...` and `cmgen export ...`."""
+    """Commands whose modules register themselves: `cmgen eval ...`, `cmgen export ...`, `cmgen latents ...`."""
     import importlib
 
-    for module in ("cmgen.eval.cli", "cmgen.export_cli"):
+    for module in ("cmgen.eval.cli", "cmgen.export_cli", "cmgen.latents_cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -65,6 +65,10 @@ class Generator:
 
     @classmethod
     def build(cls, recipe, shape, num_classes: int, kind: str = "image", **kw) -> "Generator":
+        if kind == "latent" and kw.get("codec") is None:
+            from cmgen.latents import codec_for
+
+            kw["codec"] = codec_for(recipe)
         return cls(build_network(recipe, tuple(shape), num_classes), recipe, shape, num_classes, kind, **kw)
 
     # ------------------------------------------------------------------ facts
@@ -77,6 +81,16 @@ class Generator:
         return null_label(self.recipe, self.num_classes)
 
     @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The shape of what `sample` returns (decoded images for latent models)."""
+        return tuple(getattr(self.codec, "image_shape", None) or self.shape)
+
+    @property
+    def output_kind(self) -> str:
+        """What `sample` returns: image, points (latent models return decoded images)."""
+        return "image" if self.kind == "latent" else self.kind
+
+    @property
     def clip(self) -> bool:
         """Clamp intermediate estimates to [-1, 1] (consistency sampling of images)."""
         return bool(self.recipe.sample.clip_denoised and self.kind == "image")
@@ -86,6 +100,8 @@ class Generator:
 
     def to(self, device) -> "Generator":
         self.net.to(device)
+        if hasattr(self.codec, "to"):
+            self.codec.to(device)
         return self
 
     def eval(self) -> "Generator":

@@ -206,3 +206,33 @@ def _read_safetensors(folder: Path, where: str) -> dict[str, torch.Tensor]:
             raise UserError(f"{where}: '{f}' is not a valid safetensors file ({str(exc).splitlines()[0][:80]}); "
                             "download or export it again") from None
     return weights
+
+
+def load_vae(source: str, what: str = "--vae"):
+    """A diffusers AutoencoderKL from a VAE folder, a pipeline folder with a vae/ component, or a cached
+    hub id (e.g. stabilityai/sd-vae-ft-ema); safetensors only, never downloads."""
+    from diffusers import AutoencoderKL
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        if not HUB_ID.match(source):
+            raise UserError(f"{what} '{source}' is neither an existing folder nor a hub id like "
+                            "stabilityai/sd-vae-ft-ema; fix the path")
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(source, local_files_only=True))
+        except Exception:  # not cached, or a broken cache: the same fix
+            raise UserError(f"{what} names the hub id '{source}', which is not in the local Hugging Face cache and "
+                            f"cmgen never downloads; run `hf download {source}` once while online, or pass a "
+                            "local folder") from None
+    if (path / "model_index.json").is_file():
+        path = path / "vae"
+    if not (path / "config.json").is_file():
+        raise UserError(f"{what} '{source}' is not a diffusers AutoencoderKL folder (config.json) or a pipeline "
+                        "folder with a vae/ component; point it at one of those")
+    cls = _read_json(path / "config.json", "diffusers VAE folder").get("_class_name")
+    if cls != "AutoencoderKL":
+        raise UserError(f"{what} '{source}' holds a {cls}, not an AutoencoderKL; pass a KL VAE such as "
+                        "stabilityai/sd-vae-ft-ema")
+    return _load_network(AutoencoderKL, path, source).eval().requires_grad_(False)

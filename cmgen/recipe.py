@@ -31,8 +31,8 @@ RECIPE_DIR = _recipe_dir()
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "digits"            # digits | toy2d | folder | cifar10 | random
-    path: Optional[str] = None      # folder: image directory; cifar10: torchvision root
+    name: str = "digits"            # digits | toy2d | folder | cifar10 | random | latents
+    path: Optional[str] = None      # folder: image directory; cifar10: torchvision root; latents: cache folder
     toy: str = "ring"               # toy2d: ring | moons
     n_points: int = 20000           # toy2d: size of the fixed training set
     resolution: Optional[int] = None  # folder/random: side length; digits are 8x8, cifar10 32x32
@@ -310,7 +310,29 @@ def from_tree(tree: dict, overrides=()) -> Recipe:
 
 def load_recipe(path, overrides: list[str] = ()) -> Recipe:
     """Load a recipe file (or shipped recipe name) and apply `key=value` overrides."""
-    return from_tree(read_yaml(resolve_recipe_path(str(path))), parse_overrides(overrides))
+    return from_tree(read_tree(path), parse_overrides(overrides))
+
+
+def read_tree(path, _seen: tuple = ()) -> dict:
+    """A recipe file's tree; `base: OTHER` (a shipped name or a path) starts from OTHER's tree and
+    overrides it key by key (an ablation recipe names only what it changes)."""
+    p = resolve_recipe_path(str(path))
+    tree = read_yaml(p)
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise UserError(f"recipe key 'base' in '{p}' must name a recipe, got {_show(base)}")
+    if str(p.resolve()) in _seen:
+        raise UserError(f"recipe '{p}' is its own base (through 'base:'); remove the loop")
+    return _merge(read_tree(base, _seen + (str(p.resolve()),)), tree)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def validate(r: Recipe) -> None:
@@ -332,8 +354,8 @@ def validate(r: Recipe) -> None:
     need(r.optim.name in ("adam", "adamw", "radam"),
          f"recipe key 'optim.name' must be adam, adamw or radam, got '{r.optim.name}'")
     need(r.optim.lr > 0, f"recipe key 'optim.lr' must be positive, got {r.optim.lr}")
-    need(r.data.name in ("digits", "toy2d", "folder", "cifar10", "random"),
-         f"recipe key 'data.name' must be digits, toy2d, folder, cifar10 or random, got '{r.data.name}'")
+    need(r.data.name in ("digits", "toy2d", "folder", "cifar10", "random", "latents"),
+         f"recipe key 'data.name' must be digits, toy2d, folder, cifar10, random or latents, got '{r.data.name}'")
     need(r.data.toy in ("ring", "moons"), f"recipe key 'data.toy' must be ring or moons, got '{r.data.toy}'")
     need(r.model.arch in ("unet", "mlp"), f"recipe key 'model.arch' must be unet or mlp, got '{r.model.arch}'")
     need(r.model.norm in ("group", "nsln"), f"recipe key 'model.norm' must be group or nsln, got '{r.model.norm}'")

@@ -132,7 +132,11 @@ class Trainer:
 
         self.data, self.holdout = training_data(r, smoke)
         torch.manual_seed(t.seed)  # initial weights: the only use of the global RNG
-        self.gen = Generator.build(r, self.data.shape, self.data.num_classes, self.data.kind)
+        codec = None
+        if smoke and self.data.kind == "latent":
+            from cmgen.latents import codec_for
+            codec = codec_for(r, smoke=True)
+        self.gen = Generator.build(r, self.data.shape, self.data.num_classes, self.data.kind, codec=codec)
         if r.model.init_from and resume_ckpt is None:
             from cmgen.pretrained import load_init_weights
             load_init_weights(self.gen.net, r.model.init_from)

@@ -107,7 +107,7 @@ def compute_table(args, default_steps: str):
     steps = parse_steps(args.steps or default_steps)  # checked before any loading
     device = _setup(args)
     kind, obj = open_target(args.target, args, device)
-    shape = obj.shape
+    shape = getattr(obj, "image_shape", obj.shape)  # latent models are judged on decoded images
     net = _feature_net(args, shape, device)
     opts = _metric_options(args)
     if kind == "model":
@@ -130,6 +130,11 @@ def compute_table(args, default_steps: str):
             real = splits["train"]
             src = dataset_source(real.x, "real training split", real.kind, args.batch_size, n=min(n, len(real)))
             table.rows.append({"steps": "real", "nfe": 0} | evaluate_source(src, net, ref, opts))
+            if "vae" in splits:  # a latent run's floor: its training latents decoded by the VAE
+                rec = splits["vae"]
+                src = dataset_source(rec.x, "VAE reconstructions of the training split", "image", args.batch_size,
+                                     n=min(n, len(rec)))
+                table.rows.append({"steps": "vae", "nfe": 0} | evaluate_source(src, net, ref, opts))
     else:
         if args.steps:
             raise UserError("--steps applies to runs, checkpoints and pipelines, not to samples made elsewhere; "
@@ -150,11 +155,46 @@ def run_splits(recipe) -> dict:
     """--ref holdout|train: the run's own data split, rebuilt from its recipe (data.holdout, train.seed)."""
     from cmgen.data import load_dataset
 
+    if recipe.data.name == "latents":
+        return latent_run_splits(recipe)
     train, held = load_dataset(recipe.data, recipe.train.seed)
     if held is None:
         raise UserError("--ref holdout needs a run trained with data.holdout > 0; pass another --ref "
                         "(a named reference, a folder of images or a statistics file)")
     return {"train": train, "holdout": held}
+
+
+def latent_run_splits(recipe, with_reconstructions: bool = True) -> dict:
+    """A latent run's splits in image space: the cache's source images split as the run split its latents,
+    plus `vae`, the training latents decoded by the VAE (the floor a latent model can reach)."""
+    import torch
+
+    from cmgen.data import Dataset, _split, image_folder, load_digits, latent_dataset
+    from cmgen.latents import codec_for
+
+    lat = latent_dataset(recipe.data.path)
+    source = lat.name.removeprefix("latents of ")
+    if source == "digits":
+        images = load_digits()
+    elif source.startswith("folder:"):
+        images = image_folder(source.removeprefix("folder:"), None)
+    else:
+        raise UserError(f"--ref holdout|train of a latent run needs the cache's source images, which cmgen cannot "
+                        f"reload for '{source}'; pass a named reference or a folder of images")
+    if len(images) != len(lat):
+        raise UserError("--ref holdout|train of a latent run needs a cache without flips (its latents must match "
+                        "the source images one to one); pass a named reference or a folder of images")
+    train, held = _split(images, recipe.data.holdout, recipe.train.seed)
+    if held is None and with_reconstructions:
+        raise UserError("--ref holdout needs a run trained with data.holdout > 0; pass another --ref "
+                        "(a named reference, a folder of images or a statistics file)")
+    if not with_reconstructions:
+        return {"train": train, "holdout": held}
+    lat_train, _ = _split(lat, recipe.data.holdout, recipe.train.seed)
+    codec = codec_for(recipe)
+    decoded = torch.cat([codec.decode(lat_train.x[i:i + 256]) for i in range(0, len(lat_train), 256)])
+    vae = Dataset(decoded, lat_train.labels, lat_train.num_classes, "image", "VAE reconstructions")
+    return {"train": train, "holdout": held, "vae": vae}
 
 
 def split_reference(split, name: str, net, opts, batch_size: int):

@@ -61,6 +61,11 @@ def evaluate_during_training(gen, recipe, data, holdout, step: int, out_dir, dev
     out_dir = Path(out_dir)
     e = recipe.eval
     opts = MetricOptions(keep=max(e.n, 2), kid_subsets=50)
+    if data.kind == "latent":  # judged on images: the cache's source images, split as the run split its latents
+        from cmgen.eval.cli import latent_run_splits
+
+        splits = latent_run_splits(recipe, with_reconstructions=False)
+        data, holdout = splits["train"], splits["holdout"]
     net = _feature_net(recipe, data.shape, device)
     ref = _reference(recipe, data, holdout, net, opts, out_dir)
     numbers = {}

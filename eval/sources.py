@@ -61,12 +61,13 @@ def model_source(gen, times: Sequence[float], n: int, *, sampler: Optional[str] 
     def batches(channels: int) -> Iterator[np.ndarray]:
         for x, _ in generate(gen, n, times, sampler=spec.name, seed=seed, batch_size=batch_size, guidance=guidance,
                              device=device, progress=progress, desc=f"{name}: {len(times)}-point {spec.name}"):
-            yield x.numpy().astype(np.float64) if gen.kind == "points" else _as_channels(to_uint8_nhwc(x), channels)
+            yield (x.numpy().astype(np.float64) if gen.output_kind == "points"
+                   else _as_channels(to_uint8_nhwc(x), channels))
 
     cfg = f", cfg {guidance:g}" if guidance != 1.0 else ""
     shown = ", ".join(f"{s:.4g}" for s in times)
     return Source(f"{name} ({spec.name}, NFE {gen.nfe(times, spec.name, guidance)}, times {shown}{cfg}, "
-                  f"seeds {seed}..)", gen.shape, gen.kind, n, batches)
+                  f"seeds {seed}..)", gen.image_shape, gen.output_kind, n, batches)
 
 
 # ----------------------------------------------------------------------------- datasets

@@ -44,3 +44,53 @@ def test_gpu_recipes_smoke_on_the_cpu(capsys, name, params, extra):
     out = capsys.readouterr().out
     assert code == 0, out
     assert params in out and "-> ok" in out
+
+
+def test_paper_settings_of_the_latent_ct_recipes():
+    for name, batch in (("lct_celebahq256", 128), ("lct_ffhq256", 128), ("lct_lsun_church256", 256)):
+        r = load_recipe(name)
+        m = r.method
+        assert (m.s0, m.s1, m.loss, m.adaptive_c, m.diffusion_weight, m.diffusion_from, m.ot) == \
+            (10, 640, "cauchy", True, 5.0, 0.75, True)
+        assert r.model.norm == "nsln" and r.model.block_out_channels == (128, 256, 384, 512)
+        assert r.model.layers_per_block == 4 and r.model.attention_levels == (1, 2) and r.model.dropout == 0.0
+        assert (r.optim.name, r.optim.lr, r.optim.weight_decay, r.train.ema_decay) == ("radam", 1e-4, 1e-4, 0.99993)
+        assert r.train.batch_size == batch and r.sample.sigmas == (80.0, 0.529) and r.data.name == "latents"
+    base = load_recipe("ilct_celebahq256")
+    assert (base.method.loss, base.method.adaptive_c, base.method.diffusion_weight, base.method.ot,
+            base.method.s1, base.model.norm) == ("pseudo_huber", False, 0.0, False, 1280, "group")
+
+
+@pytest.mark.slow
+def test_latent_ct_recipe_smoke_runs_on_a_tiny_vae_without_a_cache(capsys):
+    code = main(["train", "lct_celebahq256", "--smoke"])
+    out = capsys.readouterr().out
+    assert code == 0 and "data shape [4, 32, 32]" in out and "-> ok" in out
+
+
+@pytest.mark.parametrize("suffix,key,value", [("no_cauchy", "loss", "pseudo_huber"), ("no_adaptive_c", "adaptive_c", False),
+                                              ("no_diffusion", "diffusion_weight", 0.0), ("no_ot", "ot", False)])
+def test_each_lct_ablation_recipe_switches_off_exactly_one_technique(suffix, key, value):
+    import dataclasses
+
+    full, ablation = load_recipe("lct_digits"), load_recipe(f"lct_digits_{suffix}")
+    assert getattr(ablation.method, key) == value != getattr(full.method, key)
+    same = dataclasses.replace(ablation, name=full.name, description=full.description,
+                               method=dataclasses.replace(ablation.method, **{key: getattr(full.method, key)}))
+    assert same == full
+    nsln = load_recipe("lct_digits_no_nsln")
+    assert nsln.model.norm == "group" and dataclasses.replace(nsln, name=full.name, description=full.description,
+                                                              model=full.model) == full
+
+
+def test_base_recipes_merge_key_by_key_and_refuse_loops(tmp_path):
+    from cmgen.errors import UserError
+
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(f"base: {b}\nname: a\ntrain:\n  steps: 7\n")
+    b.write_text("base: ict_digits\ndescription: b\ntrain:\n  batch_size: 16\n")
+    r = load_recipe(a)
+    assert (r.name, r.description, r.train.steps, r.train.batch_size, r.method.s1) == ("a", "b", 7, 16, 160)
+    b.write_text(f"base: {a}\n")
+    with pytest.raises(UserError, match="its own base"):
+        load_recipe(a)

@@ -152,9 +152,24 @@ def load_dataset(cfg, seed: int = 0) -> tuple[Dataset, Optional[Dataset]]:
         ds = cifar10(cfg.path)
     elif cfg.name == "random":
         ds = random_images(cfg.channels, cfg.resolution or 32, cfg.num_classes, seed=seed)
+    elif cfg.name == "latents":
+        ds = latent_dataset(cfg.path)
     else:
-        raise UserError(f"recipe key 'data.name' must be digits, toy2d, folder, cifar10 or random, got '{cfg.name}'")
+        raise UserError(f"recipe key 'data.name' must be digits, toy2d, folder, cifar10, random or latents, "
+                        f"got '{cfg.name}'")
     return _split(ds, cfg.holdout, seed)
+
+
+def latent_dataset(path: Optional[str]) -> Dataset:
+    """A latent cache (cmgen latents encode) as normalised latents: per-element std LATENT_STD."""
+    from cmgen.latents import LATENT_STD, read_cache
+
+    if not path:
+        raise UserError("recipe key 'data.path' must name a latent cache when data.name is latents; make one with "
+                        "`cmgen latents encode DATA --vae VAE --out CACHE`")
+    c = read_cache(path)
+    x = LATENT_STD * (c.latents - c.mean) / c.std
+    return Dataset(x, c.labels, c.num_classes, "latent", f"latents of {c.spec.get('dataset')}")
 
 
 def shape_of(cfg) -> tuple[tuple[int, ...], int, str]:
@@ -165,6 +180,10 @@ def shape_of(cfg) -> tuple[tuple[int, ...], int, str]:
         return (2,), (8 if cfg.toy == "ring" else 2), "points"
     if cfg.name == "cifar10":
         return (3, 32, 32), 10, "image"
+    if cfg.name == "latents" and not (cfg.path and (Path(cfg.path) / "cache.json").is_file()):
+        # no cache yet (--smoke): Stable Diffusion's VAE layout, 4 channels at 1/8 of the resolution
+        side = (cfg.resolution or 256) // 8
+        return (4, side, side), cfg.num_classes, "latent"
     if cfg.name == "random" or (cfg.name == "folder" and cfg.resolution):
         return (cfg.channels, cfg.resolution or 32, cfg.resolution or 32), cfg.num_classes, "image"
     ds, _ = load_dataset(cfg)
@@ -182,6 +201,7 @@ def training_data(recipe, smoke: bool = False) -> tuple[Dataset, Optional[Datase
             data = toy2d(r.data.toy, 256, t.seed)
         else:
             data = random_images(shape[0], shape[1], ncls, n=max(8, t.batch_size), seed=t.seed)
+            data.kind = kind
         holdout = None
     if r.model.class_conditional and not data.num_classes:
         raise UserError("recipe key 'model.class_conditional' is true but the data have no labels")
