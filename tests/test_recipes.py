@@ -38,7 +38,8 @@ def test_paper_settings_of_the_gpu_recipes():
 @pytest.mark.slow
 @pytest.mark.parametrize("name,params,extra", [
     ("ict_cifar10", "M parameters, data shape [3, 32, 32]", []),
-    ("ict_imagenet64", "M parameters, data shape [3, 64, 64]", ["train.mixed_precision=no"])])
+    ("ict_imagenet64", "M parameters, data shape [3, 64, 64]", ["train.mixed_precision=no"]),
+    ("edm_cifar10", "M parameters, data shape [3, 32, 32]", [])])
 def test_gpu_recipes_smoke_on_the_cpu(capsys, name, params, extra):
     code = main(["train", name, *extra, "--smoke"])
     out = capsys.readouterr().out
