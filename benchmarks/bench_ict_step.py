@@ -25,6 +25,17 @@ def timed(fn, sync):
     return time.perf_counter() - t
 
 
+def ideal_step(net, x, t, y):
+    """The two passes iCT needs, on the bare network: one no-grad forward, one forward-backward."""
+    def ideal():
+        with torch.no_grad():
+            net(x, t, y)
+        net(x, t, y).float().pow(2).mean().backward()
+        for p in net.parameters():
+            p.grad = None
+    return ideal
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="ict_digits")
@@ -52,12 +63,7 @@ def main():
         y = (torch.arange(args.batch, device=device) % max(1, tr.data.num_classes)
              if recipe.model.class_conditional else None)
 
-        def ideal():
-            with torch.no_grad():
-                net(x, t, y)
-            net(x, t, y).float().pow(2).mean().backward()
-            for p in net.parameters():
-                p.grad = None
+        ideal = ideal_step(net, x, t, y)
 
         from cmgen.train import make_optimizer
 

@@ -28,6 +28,7 @@ def worker(recipe_name: str, batch: int, threads: int) -> None:
     import torch
 
     import cmgen
+    from bench_ict_step import ideal_step  # this script's folder is on sys.path
     from cmgen.recipe import load_recipe
     from cmgen.train import Trainer, configure_threads
 
@@ -41,12 +42,7 @@ def worker(recipe_name: str, batch: int, threads: int) -> None:
         t = torch.randn(batch) * 100
         y = torch.arange(batch) % max(1, tr.data.num_classes) if recipe.model.class_conditional else None
 
-        def ideal():
-            with torch.no_grad():
-                net(x, t, y)
-            net(x, t, y).float().pow(2).mean().backward()
-            for p in net.parameters():
-                p.grad = None
+        ideal = ideal_step(net, x, t, y)
 
         def timed(fn):
             start = time.perf_counter()

@@ -69,15 +69,6 @@ def test_edm_exports_with_the_stock_edm_euler_scheduler(edm):
     assert not [p for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
 
 
-@pytest.mark.parametrize("sampler,steps,cfg", [("euler", 6, 1.0), ("heun", 5, 1.0), ("euler", 4, 2.5), ("heun", 3, 2.5)])
-def test_edm_pipeline_equals_cmgen_sample(edm, tmp_path, sampler, steps, cfg):
-    run, folder = edm
-    ours = _cmgen(run, sampler, steps, 5, 7, tmp_path, cfg)
-    theirs = _pipe(folder, sampler, steps, 5, 7, cfg)
-    assert ours.std() > 0.05
-    assert (ours - theirs).abs().max().item() <= TOL
-
-
 def test_flow_exports_with_the_stock_flow_match_scheduler(flow):
     _, folder = flow
     index = json.loads((folder / "model_index.json").read_text())
@@ -86,11 +77,13 @@ def test_flow_exports_with_the_stock_flow_match_scheduler(flow):
     assert sched["shift"] == 3.0 and index["default_sampler"] == "euler" and index["null_label"] == 10
 
 
-@pytest.mark.parametrize("sampler,steps,cfg", [("euler", 6, 1.0), ("sde", 5, 1.0), ("euler", 4, 3.0)])
-def test_flow_pipeline_equals_cmgen_sample(flow, tmp_path, sampler, steps, cfg):
-    run, folder = flow
-    ours = _cmgen(run, sampler, steps, 5, 11, tmp_path, cfg)
-    theirs = _pipe(folder, sampler, steps, 5, 11, cfg)
+@pytest.mark.parametrize("which,sampler,steps,cfg,seed", [
+    ("edm", "euler", 6, 1.0, 7), ("edm", "heun", 5, 1.0, 7), ("edm", "euler", 4, 2.5, 7), ("edm", "heun", 3, 2.5, 7),
+    ("flow", "euler", 6, 1.0, 11), ("flow", "sde", 5, 1.0, 11), ("flow", "euler", 4, 3.0, 11)])
+def test_pipeline_equals_cmgen_sample(which, sampler, steps, cfg, seed, request, tmp_path):
+    run, folder = request.getfixturevalue(which)
+    ours = _cmgen(run, sampler, steps, 5, seed, tmp_path, cfg)
+    theirs = _pipe(folder, sampler, steps, 5, seed, cfg)
     assert ours.std() > 0.05
     assert (ours - theirs).abs().max().item() <= TOL
 

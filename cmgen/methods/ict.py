@@ -34,9 +34,12 @@ class Method(BaseMethod):
 
     def __init__(self, cfg: Config, recipe, gen):
         super().__init__(cfg, recipe, gen)
-        self.p = recipe.precond
-        self.total_steps = cfg.total_steps or recipe.train.steps
+        self._init_curriculum(recipe)
         self.c = cfg.huber_c if cfg.huber_c is not None else ict_huber_c(math.prod(gen.shape))
+
+    def _init_curriculum(self, recipe) -> None:
+        self.p = recipe.precond
+        self.total_steps = self.cfg.total_steps or recipe.train.steps
         self._grids: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
@@ -55,22 +58,39 @@ class Method(BaseMethod):
             self._grids[n] = (s, lognormal_index_probs(s, self.cfg.p_mean, self.cfg.p_std))
         return self._grids[n]
 
-    def loss(self, nets, batch, step: int) -> dict:
-        model, x, labels, rng = nets.model, batch.x, batch.labels, batch.rng
+    def pair(self, model, batch, step: int, z: Optional[torch.Tensor] = None) -> "Pair":
+        """One consistency pair: index i from the stage's lognormal draw, then (unless `z` is given) the
+        shared noise; teacher f(x + sigma_i z, sigma_i) under stop-gradient, student at sigma_{i+1},
+        both with the same dropout mask; lambda = 1 / (sigma_{i+1} - sigma_i)."""
+        x, labels, rng = batch.x, batch.labels, batch.rng
         n = self.discretisation(step)
         sigmas, probs = self.grid(n)
         i = rng.multinomial(probs).cpu()
         sigma_t = sigmas[i].to(x.device, torch.float32)       # teacher: the lower level
         sigma_s = sigmas[i + 1].to(x.device, torch.float32)   # student: the higher level
-        z = rng.randn(*x.shape[1:]).to(x.dtype)
+        if z is None:
+            z = rng.randn(*x.shape[1:]).to(x.dtype)
         view = (-1,) + (1,) * (x.ndim - 1)
 
         with torch.no_grad(), same_dropout(rng.dropout_seed, x.device):
             target = model(x + sigma_t.view(view) * z, sigma_t, labels)
         with same_dropout(rng.dropout_seed, x.device):
             pred = model(x + sigma_s.view(view) * z, sigma_s, labels)
-
         weight = 1.0 / (sigmas[i + 1] - sigmas[i]).to(x.device, torch.float32)
-        dist = pseudo_huber(pred, target, self.c)
-        return {"loss": (weight * dist).mean(), "pseudo_huber": dist.detach().mean(),
-                "N": torch.tensor(float(n))}
+        return Pair(n, i, sigma_s, weight, pred, target)
+
+    def loss(self, nets, batch, step: int) -> dict:
+        p = self.pair(nets.model, batch, step)
+        dist = pseudo_huber(p.pred, p.target, self.c)
+        return {"loss": (p.weight * dist).mean(), "pseudo_huber": dist.detach().mean(),
+                "N": torch.tensor(float(p.n))}
+
+
+@dataclass
+class Pair:
+    n: int                          # the stage's discretisation N
+    i: torch.Tensor                 # ascending index of the teacher level (student: i + 1)
+    sigma_s: torch.Tensor           # the student's noise level
+    weight: torch.Tensor            # lambda = 1 / (sigma_{i+1} - sigma_i)
+    pred: torch.Tensor              # student output (carries the gradient)
+    target: torch.Tensor            # teacher output (no gradient)

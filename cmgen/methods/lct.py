@@ -30,7 +30,7 @@ import torch
 from cmgen.losses import ict_huber_c
 from cmgen.methods.base import Method as BaseMethod
 from cmgen.methods.ict import Method as ICTMethod
-from cmgen.rng import keyed_generator, same_dropout
+from cmgen.rng import keyed_generator
 
 
 @dataclass(frozen=True)
@@ -90,9 +90,7 @@ class Method(ICTMethod):
 
     def __init__(self, cfg: Config, recipe, gen):
         BaseMethod.__init__(self, cfg, recipe, gen)
-        self.p = recipe.precond
-        self.total_steps = cfg.total_steps or recipe.train.steps
-        self._grids = {}
+        self._init_curriculum(recipe)
         self.c0 = cfg.c if cfg.c is not None else ict_huber_c(math.prod(gen.shape))
 
     def huber_c(self, n: int) -> float:
@@ -122,24 +120,12 @@ class Method(ICTMethod):
         return out
 
     def loss(self, nets, batch, step: int) -> dict:
-        model, x, labels, rng = nets.model, batch.x, batch.labels, batch.rng
-        n = self.discretisation(step)
-        sigmas, probs = self.grid(n)
-        i = rng.multinomial(probs).cpu()
-        sigma_t = sigmas[i].to(x.device, torch.float32)       # teacher: the lower level
-        sigma_s = sigmas[i + 1].to(x.device, torch.float32)   # student: the higher level
-        z = batch.extra["z"] if "z" in batch.extra else rng.randn(*x.shape[1:]).to(x.dtype)
-        view = (-1,) + (1,) * (x.ndim - 1)
-
-        with torch.no_grad(), same_dropout(rng.dropout_seed, x.device):
-            target = model(x + sigma_t.view(view) * z, sigma_t, labels)
-        with same_dropout(rng.dropout_seed, x.device):
-            pred = model(x + sigma_s.view(view) * z, sigma_s, labels)
-
+        x = batch.x
+        p = self.pair(nets.model, batch, step, z=batch.extra.get("z"))
+        n, i, sigma_s, pred = p.n, p.i, p.sigma_s, p.pred
         c = self.huber_c(n)
-        weight = 1.0 / (sigmas[i + 1] - sigmas[i]).to(x.device, torch.float32)
-        dist = (cauchy if self.cfg.loss == "cauchy" else pseudo_huber_mean)(pred, target, c)
-        loss = (weight * dist).mean()
+        dist = (cauchy if self.cfg.loss == "cauchy" else pseudo_huber_mean)(pred, p.target, c)
+        loss = (p.weight * dist).mean()
         terms = {self.cfg.loss: dist.detach().mean(), "N": torch.tensor(float(n)), "c": torch.tensor(c)}
         if self.cfg.diffusion_weight > 0:
             mask = self.diffusion_mask(i, n).to(x.device)
