@@ -4,9 +4,10 @@
 
 Each mutant replaces one exact snippet of a source file (operator swap, constant change, dropped
 no_grad/detach, sign flip, a draw that ignores its key...), runs the test files listed for that
-module with `pytest -x`, and restores the file (also on Ctrl-C). A mutant is killed when a test fails
-or the run times out; the score is killed / total. Survivors are printed: each is a missing test or
-an equivalent mutant (listed in EQUIVALENT with the reason). Edit nothing in the checkout while it runs.
+module with `pytest -x`, and restores the file. It works on a private copy of the checkout (git's
+tracked and untracked files, imported first through PYTHONPATH), so the checkout itself is never
+touched. A mutant is killed when a test fails or the run times out; the score is killed / total.
+Survivors are printed: each is a missing test or an equivalent mutant (EQUIVALENT, with the reason).
 """
 from __future__ import annotations
 
@@ -102,18 +103,35 @@ MUTANTS = [
 EQUIVALENT: dict[str, str] = {}
 
 
-def run_one(m: Mutant, timeout: int, python: str) -> tuple[str, float]:
-    path = ROOT / m.file
+def private_copy() -> Path:
+    """The checkout's files in a temporary folder, with cmgen.sampling/eval/recipes laid out as imported."""
+    import shutil
+    import tempfile
+
+    dst = Path(tempfile.mkdtemp(prefix="cmgen-mutate-"))
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.splitlines()
+    for rel in listed:
+        if (ROOT / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dst / rel)
+    for pkg, folder in (("sampling", "sampling"), ("eval", "eval"), ("recipes", "recipes")):
+        (dst / "cmgen" / pkg).symlink_to(dst / folder, target_is_directory=True)
+    return dst
+
+
+def run_one(m: Mutant, timeout: int, python: str, root: Path) -> tuple[str, float]:
+    path = root / m.file
     original = path.read_text()
     count = original.count(m.old)
     if count != 1:
         return f"snippet found {count} times (update the mutant)", 0.0
     path.write_text(original.replace(m.old, m.new))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=str(root))
     t0 = time.time()
     try:
         proc = subprocess.run([python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--timeout", str(timeout),
-                               *TESTS[m.file]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+                               *TESTS[m.file]], cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
         status = "survived" if proc.returncode == 0 else "killed"
     except subprocess.TimeoutExpired:
         status = "killed (timeout)"
@@ -140,20 +158,30 @@ def main(argv=None) -> int:
         for m in chosen:
             print(f"{m.file:24s} {m.name}")
         return 0
+    root = private_copy()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(root))
+    probe = subprocess.run([sys.executable, "-c", "import cmgen.rng, cmgen.sampling; print(cmgen.rng.__file__, "
+                            "cmgen.sampling.__file__)"], cwd=root, env=env, capture_output=True, text=True)
+    if not all(p.startswith(str(root)) for p in probe.stdout.split()):
+        print(f"the copy {root} is not what python imports ({probe.stdout.strip()} {probe.stderr[-300:]})")
+        return 1
     baseline = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                               *sorted({f for m in chosen for f in TESTS[m.file]})], cwd=ROOT, capture_output=True,
-                              text=True)
+                               *sorted({f for m in chosen for f in TESTS[m.file]})], cwd=root, env=env,
+                              capture_output=True, text=True)
     if baseline.returncode != 0:
         print("the unmutated code fails its tests; fix that first:\n" + baseline.stdout[-2000:])
         return 1
     survivors, killed, t0 = [], 0, time.time()
     for k, m in enumerate(chosen, 1):
-        status, secs = run_one(m, args.timeout, sys.executable)
+        status, secs = run_one(m, args.timeout, sys.executable, root)
         print(f"[{k:2d}/{len(chosen)}] {status:18s} {secs:5.0f}s  {m.file}: {m.name}", flush=True)
         if status.startswith("killed"):
             killed += 1
         else:
             survivors.append((m, status))
+    import shutil
+
+    shutil.rmtree(root, ignore_errors=True)
     print(f"\nmutation score: {killed}/{len(chosen)} killed ({100 * killed / max(1, len(chosen)):.0f}%) "
           f"in {time.time() - t0:.0f}s")
     for m, status in survivors:
