@@ -65,7 +65,6 @@ def _tensorboard_rows(logdir: Path) -> dict:
 
 
 def test_tensorboard_gets_the_metrics_rows_once_each_across_a_crash_and_a_resume(tmp_path):
-    pytest.importorskip("tensorboard")
     over = TINY + ["train.steps=8", "train.checkpoint_every=4", "method.s1=20"]
     run = tmp_path / "run"
     # the first attempt logs steps 5, 6 after its last checkpoint (4), as a crashed run would
@@ -87,7 +86,6 @@ def test_tensorboard_gets_the_metrics_rows_once_each_across_a_crash_and_a_resume
 
 
 def test_eval_rows_reach_the_tracker(tmp_path):
-    pytest.importorskip("tensorboard")
     over = TINY + ["train.steps=2", "train.checkpoint_every=2", "eval.every=2", "eval.n=16", "eval.steps=[1]",
                    "train.log_with=tensorboard"]
     run = train(load_recipe("ict_digits", over), tmp_path / "run", progress=False)
