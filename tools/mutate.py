@@ -21,8 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CORE = ["tests/test_formulas.py", "tests/test_ict.py", "tests/test_ict_pinned.py"]
-SAMPLING = ["tests/test_sampling.py", "tests/test_edm_flow.py"]
+CORE = ["tests/test_mutants.py", "tests/test_formulas.py", "tests/test_ict.py", "tests/test_ict_pinned.py"]
+SAMPLING = ["tests/test_mutants.py", "tests/test_sampling.py", "tests/test_edm_flow.py"]
 TESTS = {
     "cmgen/precond.py": CORE + ["tests/test_edm_flow.py"],
     "cmgen/schedules.py": CORE,
