@@ -379,7 +379,7 @@ def _common(p, samples: bool = True) -> None:
                    "sde; default: the recipe's)")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (models trained with "
                    "method.label_dropout; default 1 = off)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps or xpu (default: the first of cuda, mps, xpu present, else cpu)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
