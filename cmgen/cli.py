@@ -27,7 +27,11 @@ def _device(name: str | None):
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
         return dev
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    from accelerate.utils import is_mps_available, is_xpu_available
+
+    return torch.device("mps" if is_mps_available() else "xpu" if is_xpu_available() else "cpu")
 
 
 # ----------------------------------------------------------------------------- train
@@ -253,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-ema", action="store_true", help="use the raw training weights instead of the EMA")
     s.add_argument("--class-label", type=int, default=None, help="class for every sample (class-conditional models)")
     s.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (default 256)")
-    s.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps or xpu (default: the first of cuda, mps, xpu present, else cpu)")
     s.add_argument("--bf16", action="store_true", help="sample under bf16 autocast")
     s.add_argument("--grid-max", type=int, default=256, help="at most this many samples in the PNG grid (default 256)")
     s.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")

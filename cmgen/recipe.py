@@ -40,7 +40,8 @@ class DataConfig:
     num_classes: int = 0            # random/folder: label count (used by --smoke without the data)
     hflip: bool = False             # random horizontal flips
     holdout: int = 0                # examples kept out of training (evaluation reference)
-    num_workers: int = 0
+    num_workers: int = 0            # DataLoader worker processes reading batches (and threads decoding a new cache)
+    cache: str = "auto"             # folder/cifar10: uint8 memory-mapped cache, 'auto' ($CMGEN_CACHE), 'off' or a folder
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class TrainConfig:
     sample_n: int = 64
     max_nonfinite: int = 5          # consecutive non-finite losses before the run stops
     threads: int = 0                # torch intra-op threads; 0 = one per physical core, at most 8
+    log_with: str = "none"          # none | tensorboard | wandb (accelerate trackers; may change on resume)
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,12 @@
 
 Draws are made for the *global* batch from a generator keyed by (seed, step, stream) and
 sliced to this process's micro-batch, so a run on 2 processes sees the same data, sigmas
-and noise as the same run on 1 process. Dropout, which acts inside the network on the
-local batch, is keyed by (seed, step, rank, micro-step) instead.
+and noise as the same run on 1 process. On an accelerator (CUDA, MPS, XPU) the generator
+lives on the device and the draw is made there: no per-process CPU work or host-to-device
+copy per step, and the same draws for any number of processes on a given device type (CPU
+and GPU generators are different algorithms, so a CPU run and a GPU run draw differently).
+Dropout, which acts inside the network on the local batch, is keyed by (seed, step, rank,
+micro-step) instead.
 """
 from __future__ import annotations
 
@@ -18,8 +22,8 @@ def key_seed(*parts) -> int:
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
-def keyed_generator(*parts) -> torch.Generator:
-    return torch.Generator().manual_seed(key_seed(*parts))
+def keyed_generator(*parts, device="cpu") -> torch.Generator:
+    return torch.Generator(device=torch.device(device)).manual_seed(key_seed(*parts))
 
 
 class BatchRNG:
@@ -40,24 +44,24 @@ class BatchRNG:
 
     def _gen(self) -> torch.Generator:
         self._draws += 1
-        return keyed_generator(self.seed, self.step, *self.stream, "draw", self._draws)
+        return keyed_generator(self.seed, self.step, *self.stream, "draw", self._draws, device=self.device)
 
     def _slice(self, t: torch.Tensor) -> torch.Tensor:
-        return t[self.offset:self.offset + self.count].to(self.device, non_blocking=True)
+        return t[self.offset:self.offset + self.count]
 
     def randn(self, *shape) -> torch.Tensor:
-        return self._slice(torch.randn(self.global_batch, *shape, generator=self._gen()))
+        return self._slice(torch.randn(self.global_batch, *shape, generator=self._gen(), device=self.device))
 
     def rand(self, *shape) -> torch.Tensor:
-        return self._slice(torch.rand(self.global_batch, *shape, generator=self._gen()))
+        return self._slice(torch.rand(self.global_batch, *shape, generator=self._gen(), device=self.device))
 
     def multinomial(self, probs: torch.Tensor) -> torch.Tensor:
-        """Indices drawn with replacement from `probs` (CPU float64 or float32)."""
-        return self._slice(torch.multinomial(probs.cpu().float(), self.global_batch, replacement=True,
-                                             generator=self._gen()))
+        """Indices drawn with replacement from `probs` (float64 or float32, any device)."""
+        return self._slice(torch.multinomial(probs.to(self.device, torch.float32), self.global_batch,
+                                             replacement=True, generator=self._gen()))
 
     def randint(self, low: int, high: int) -> torch.Tensor:
-        return self._slice(torch.randint(low, high, (self.global_batch,), generator=self._gen()))
+        return self._slice(torch.randint(low, high, (self.global_batch,), generator=self._gen(), device=self.device))
 
 
 class same_dropout:
@@ -69,12 +73,15 @@ class same_dropout:
 
     def __init__(self, seed: int, device):
         self.seed = seed
-        self.devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+        self.device = torch.device(device)
 
     def __enter__(self):
-        self._fork = torch.random.fork_rng(devices=self.devices, enabled=True)
+        kind = self.device.type
+        # fork_rng saves and restores the CPU generator and those of the named devices of one type
+        self._fork = torch.random.fork_rng(devices=[] if kind == "cpu" else [self.device], enabled=True,
+                                           device_type="cuda" if kind == "cpu" else kind)
         self._fork.__enter__()
-        torch.manual_seed(self.seed)
+        torch.manual_seed(self.seed)  # seeds the CPU and every accelerator's default generator
         return self
 
     def __exit__(self, *exc):

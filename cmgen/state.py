@@ -24,7 +24,8 @@ log = logging.getLogger("cmgen")
 
 # keys that may differ between a run and its resumption; anything else must match
 RESUMABLE = ("train.steps", "train.checkpoint_every", "train.keep_last", "train.log_every",
-             "train.sample_every", "train.sample_n", "train.max_nonfinite", "train.threads", "eval.")
+             "train.sample_every", "train.sample_n", "train.max_nonfinite", "train.threads", "train.log_with",
+             "data.num_workers", "data.cache", "eval.")
 
 
 def find_resume(out_dir: Path, resume: Optional[str]) -> Optional[Path]:

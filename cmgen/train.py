@@ -114,8 +114,13 @@ class Trainer:
         t = r.train
 
         _reset_accelerator_state(t.mixed_precision)
-        self.accelerator = acc = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available(),
-                                             step_scheduler_with_optimizer=False)
+        from cmgen.trackers import tracker_name
+        log_with = tracker_name(t.log_with)
+        # accelerate picks CUDA, MPS, XPU...; cpu=True only where there is none, so that a multi-process
+        # launch on a CPU-only machine still gets gloo (accelerate needs the flag for that)
+        self.accelerator = acc = Accelerator(mixed_precision=t.mixed_precision, cpu=not accelerator_present(),
+                                             step_scheduler_with_optimizer=False, log_with=log_with,
+                                             project_dir=str(self.out))
         self.world, self.rank, self.device = acc.num_processes, acc.process_index, acc.device
         self.is_main = acc.is_main_process
         per_step = self.world * t.grad_accum
@@ -147,7 +152,7 @@ class Trainer:
             self.parts[name] = self._part(part.module, part.optim, part.ema_decay)
         self.targets = {name: TargetNetwork(self.gen.net, decay) for name, decay in self.method.targets().items()}
         self.step, self.nonfinite, self.pending, self.pending_n, self.last_eval = 0, 0, {}, 0, {}
-        self.scaler_state = None
+        self.scaler_state, self.trackers_on = None, False
         if resume_ckpt is not None:
             state_io.read(self, resume_ckpt)
         for part in self.parts.values():
@@ -162,7 +167,9 @@ class Trainer:
                          | {name: target.module for name, target in self.targets.items()} | frozen)
         self.dist = Dist(acc)
         self._eval_gen = None
-        self._data_on_device = self.data.x.to(self.device) if self.data.x.numel() * 4 < 2**30 else None
+        self._stream = None  # DataLoader workers (data.num_workers > 0)
+        small = len(self.data) * int(torch.tensor(self.data.shape).prod()) * 4 < 2**30
+        self._data_on_device = self.data.x.to(self.device) if small and not r.data.num_workers else None
 
     @staticmethod
     def _part(module, optim_cfg, ema_decay) -> TrainPart:
@@ -187,15 +194,39 @@ class Trainer:
         return BatchRNG(t.seed, self.step, t.batch_size, offset, self.micro, self.device, dropout_key=key,
                         stream=stream)
 
+    def _rows(self, micro_idx: int):
+        """(x float on the device, labels) of this process's micro-batch `micro_idx` at this step."""
+        from cmgen.data import to_float
+
+        t, workers = self.recipe.train, self.recipe.data.num_workers
+        if workers > 0:
+            for _ in range(2):  # a stream started at another step (a test moved self.step) restarts once
+                if self._stream is None:
+                    from cmgen.data.loader import keyed_batches
+
+                    offsets = [(m * self.world + self.rank) * self.micro for m in range(t.grad_accum)]
+                    self._stream = keyed_batches(self.data, self.sampler, self.step, t.batch_size, offsets,
+                                                 self.micro, workers, pin_memory=self.device.type == "cuda")
+                step, m, x, y = next(self._stream)
+                if (step, m) == (self.step, micro_idx):
+                    break
+                self._stream = None
+            x = x.to(self.device, non_blocking=True)
+        else:
+            offset = (micro_idx * self.world + self.rank) * self.micro
+            idx = self.sampler.indices(self.step, t.batch_size, offset, self.micro)
+            if self._data_on_device is not None:
+                x = self._data_on_device[idx.to(self.device)]
+            else:
+                x = self.data.batch(idx).to(self.device, non_blocking=True)
+            y = None if self.data.labels is None else self.data.labels[idx]
+        x = to_float(x) if x.dtype == torch.uint8 else x
+        return x, (y.to(self.device) if self.gen.conditional else None)
+
     def _batch(self, micro_idx: int):
         from cmgen.methods import Batch
 
-        t = self.recipe.train
-        offset = (micro_idx * self.world + self.rank) * self.micro
-        idx = self.sampler.indices(self.step, t.batch_size, offset, self.micro)
-        src = self._data_on_device if self._data_on_device is not None else self.data.x
-        x = src[idx.to(src.device)].to(self.device, non_blocking=True)
-        y = self.data.labels[idx].to(self.device) if self.gen.conditional else None
+        x, y = self._rows(micro_idx)
         rng = self._rng(micro_idx, "model")
         if self.recipe.data.hflip and x.ndim == 4:
             flip = rng.rand() < 0.5
@@ -323,6 +354,8 @@ class Trainer:
     def _log(self, row: dict) -> None:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.trackers_on:
+            self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
     # ------------------------------------------------------------------ the loop
     def run(self, stop_after: Optional[int] = None) -> Path:
@@ -330,6 +363,8 @@ class Trainer:
         if self.is_main:
             (self.out / "recipe.yaml").write_text(dump_recipe(r))
             (self.out / "environment.json").write_text(json.dumps(ckpt_io.environment_info(), indent=2))
+        from cmgen.trackers import start_trackers
+        self.trackers_on = start_trackers(acc, r, self.out, self.step)
         end = t.steps if stop_after is None else min(t.steps, self.step + stop_after)
         bar = tqdm(total=t.steps, initial=self.step, desc=r.name, disable=not (self.progress and self.is_main),
                    dynamic_ncols=True, smoothing=0.05)
@@ -356,18 +391,29 @@ class Trainer:
             if self.is_main and ((t.sample_every and step % t.sample_every == 0) or step == t.steps):
                 self.write_previews()
         bar.close()
+        self._stream = None  # stops the DataLoader workers
+        if self.trackers_on:
+            acc.end_training()
         acc.wait_for_everyone()
         return self.out
 
     def _in_loop_eval(self) -> None:
-        if not self.is_main:
-            self.accelerator.wait_for_everyone()
-            return
+        """Every process samples its share of eval.n (cmgen.eval.sources.model_source); the main one writes."""
         from cmgen.eval.inloop import evaluate_during_training
 
         self.last_eval = evaluate_during_training(self.eval_generator(), self.recipe, self.data, self.holdout,
-                                                  self.step, self.out, device=self.device)
+                                                  self.step, self.out, device=self.device, dist=self.dist)
+        if self.trackers_on and self.last_eval:
+            self.accelerator.log({f"eval/{k}": v for k, v in self.last_eval.items()}, step=self.step)
         self.accelerator.wait_for_everyone()
+
+
+def accelerator_present() -> bool:
+    """Whether torch sees a device accelerate can train on (CUDA/ROCm, MPS, XPU, NPU, MLU)."""
+    from accelerate.utils import is_mlu_available, is_mps_available, is_npu_available, is_xpu_available
+
+    return torch.cuda.is_available() or is_mps_available() or is_xpu_available() or is_npu_available() \
+        or is_mlu_available()
 
 
 def _reset_accelerator_state(mixed_precision: str) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from cmgen.errors import UserError
@@ -72,7 +73,20 @@ def _setup(args):
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     configure_threads(args.threads)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch`: sample generation is split
+        from accelerate import PartialState
+
+        from cmgen.train import accelerator_present
+
+        state = PartialState(cpu=not accelerator_present())
+        return _device(args.device) if args.device else state.device
     return _device(args.device)
+
+
+def _is_main() -> bool:
+    from cmgen.eval.sources import process_shard
+
+    return process_shard()[0] == 0
 
 
 def _feature_net(args, shape, device):
@@ -220,6 +234,8 @@ def cmd_fid(args) -> int:
     from cmgen.eval.report import to_text, write_table
 
     table, kind, obj = compute_table(args, "1,2")
+    if not _is_main():
+        return 0
     out = Path(args.out) if args.out else default_out_dir(args.target, kind)
     stem = f"fid_{table.metric}{_sampler_tag(table, obj)}{run_step_tag(obj)}"
     written = write_table(table, out, stem, title=f"{table.metric} of {args.target}")
@@ -236,6 +252,8 @@ def cmd_sweep(args) -> int:
         raise UserError("cmgen eval sweep needs a run, checkpoint or pipeline folder (it samples at each --steps); "
                         "use cmgen eval fid for samples made elsewhere")
     table, kind, obj = compute_table(args, "1,2,4,8")
+    if not _is_main():
+        return 0
     out = Path(args.out) if args.out else default_out_dir(args.target, kind)
     stem = f"sweep_{table.metric}{_sampler_tag(table, obj)}{run_step_tag(obj)}"
     written = write_table(table, out, stem, title=f"{table.metric} vs NFE of {args.target}")
@@ -362,7 +380,7 @@ def _common(p, samples: bool = True) -> None:
                    "sde; default: the recipe's)")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (models trained with "
                    "method.label_dropout; default 1 = off)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps or xpu (default: the first of cuda, mps, xpu present, else cpu)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)

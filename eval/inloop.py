@@ -56,8 +56,11 @@ def _append_row(path: Path, row: dict) -> list[dict]:
     return rows
 
 
-def evaluate_during_training(gen, recipe, data, holdout, step: int, out_dir, device="cpu") -> dict:
-    """Returns {'fd_1step': ..., 'precision_1step': ..., ...} and records it in eval.jsonl / eval.png."""
+def evaluate_during_training(gen, recipe, data, holdout, step: int, out_dir, device="cpu", dist=None) -> dict:
+    """Returns {'fd_1step': ..., 'precision_1step': ..., ...} and records it in eval.jsonl / eval.png.
+
+    Every process of a run calls it: each samples its share of eval.n (model_source) and computes the
+    same numbers; only the main one (rank 0 of `dist`) writes."""
     out_dir = Path(out_dir)
     e = recipe.eval
     opts = MetricOptions(keep=max(e.n, 2), kid_subsets=50)
@@ -74,6 +77,8 @@ def evaluate_during_training(gen, recipe, data, holdout, step: int, out_dir, dev
         metrics = evaluate_source(src, net, ref, opts)
         numbers |= {f"{k}_{steps}step": metrics[k] for k in REPORTED if metrics.get(k) is not None}
     row = {"step": int(step), "metric": net.metric, "n": e.n, "reference": ref.description.get("name")} | numbers
+    if dist is not None and dist.rank != 0:
+        return numbers
     rows = _append_row(out_dir / "eval.jsonl", row)
     key = primary_key(net.metric)
     label = "SWD" if key == "swd" else net.metric

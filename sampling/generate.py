@@ -38,15 +38,20 @@ def parse_sigmas(text: str, sigma_min: float, sigma_max: float) -> list[float]:
 
 def generate(gen, n: int, times: Sequence[float], *, sampler: Optional[str] = None, seed: int = 0,
              batch_size: int = 256, labels: Optional[torch.Tensor] = None, guidance: float = 1.0, device="cpu",
-             autocast_dtype=None, progress: bool = True, desc: str = "sampling",
+             autocast_dtype=None, progress: bool = True, desc: str = "sampling", shard: tuple[int, int] = (0, 1),
              **options) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """Yields (samples float on CPU, labels) batches from a Generator; image j uses seed + j and,
-    for a class-conditional model, label j % classes unless `labels` are given."""
+    for a class-conditional model, label j % classes unless `labels` are given. With `shard`
+    (rank, processes) only the batches numbered rank, rank + processes, ... are made: each is
+    exactly the batch one process would make (same images, same batch composition)."""
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
     gen.check_guidance(guidance)
-    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False)
-    for start in range(0, n, batch_size):
+    rank, world = shard
+    starts = list(range(0, n, batch_size))[rank::world]
+    bar = tqdm(total=sum(min(batch_size, n - s) for s in starts), desc=desc, unit="img", disable=not progress,
+               leave=False)
+    for start in starts:
         idx = torch.arange(start, min(n, start + batch_size))
         y = None
         if gen.conditional:

@@ -1,8 +1,10 @@
-"""Datasets: in-memory tensors indexed by the loop's keyed sampler.
+"""Datasets indexed by the loop's keyed sampler.
 
 Every dataset is a `Dataset`: images NCHW float in [-1, 1] (or points [N, D]), optional
-integer labels, and the metadata the models need. The loop draws indices itself
-(cmgen.rng), so there is no DataLoader and no hidden global-RNG use.
+integer labels, and the metadata the models need. Image folders and CIFAR-10 are `ImageRows`:
+uint8 images (in RAM or a memory-mapped cache, cmgen.data.cache) turned into floats one batch at
+a time. The loop draws indices itself (cmgen.rng); DataLoader workers (cmgen.data.loader) only
+read the rows it names, so there is no hidden global-RNG use.
 """
 from __future__ import annotations
 
@@ -33,6 +35,71 @@ class Dataset:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])
 
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows `idx` as float (images in [-1, 1])."""
+        return self.x[idx]
+
+    def take(self, idx: torch.Tensor) -> "Dataset":
+        return Dataset(self.x[idx], None if self.labels is None else self.labels[idx], self.num_classes, self.kind,
+                       self.name)
+
+
+class ImageRows(Dataset):
+    """uint8 NCHW images (a numpy array or memory map) and an optional row subset; floats only per batch."""
+
+    def __init__(self, images: np.ndarray, labels: Optional[torch.Tensor], num_classes: int, name: str,
+                 rows: Optional[torch.Tensor] = None, cache: Optional[Path] = None):
+        self.images, self.labels, self.num_classes, self.name = images, labels, num_classes, name
+        self.rows, self.cache, self.kind = rows, cache, "image"
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.rows is not None else self.images.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    def uint8(self, idx) -> torch.Tensor:
+        idx = torch.as_tensor(idx)
+        if self.rows is not None:
+            idx = self.rows[idx]
+        idx = idx.numpy()
+        if len(idx) and (np.diff(idx) >= 0).all():  # sorted (a split): one read
+            return torch.from_numpy(np.ascontiguousarray(self.images[idx]))
+        order = np.argsort(idx, kind="stable")  # a memory map reads fastest in file order
+        out = np.empty((len(idx), *self.images.shape[1:]), np.uint8)
+        out[order] = self.images[idx[order]]
+        return torch.from_numpy(out)
+
+    def batch(self, idx) -> torch.Tensor:
+        return to_float(self.uint8(idx))
+
+    @property
+    def x(self) -> torch.Tensor:
+        """Every row as float (for small sets and whole-set tools; training reads `batch`)."""
+        return self.batch(torch.arange(len(self)))
+
+    def __getstate__(self):  # DataLoader workers under spawn: reopen the memory map, never copy it
+        state = dict(self.__dict__)
+        if self.cache is not None:
+            state["images"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.images is None:
+            self.images = np.load(self.cache / "images.npy", mmap_mode="r")
+
+    def take(self, idx: torch.Tensor) -> "ImageRows":
+        rows = idx if self.rows is None else self.rows[idx]
+        return ImageRows(self.images, None if self.labels is None else self.labels[idx], self.num_classes, self.name,
+                         rows=rows, cache=self.cache)
+
+
+def to_float(u8: torch.Tensor) -> torch.Tensor:
+    """uint8 images to float in [-1, 1] (as the pre-cache loaders computed them)."""
+    return u8.float() / 127.5 - 1.0
+
 
 def _split(ds: Dataset, holdout: int, seed: int) -> tuple[Dataset, Optional[Dataset]]:
     """Keep `holdout` examples out of training (a fixed, seeded choice) for evaluation."""
@@ -42,11 +109,7 @@ def _split(ds: Dataset, holdout: int, seed: int) -> tuple[Dataset, Optional[Data
         raise UserError(f"recipe key 'data.holdout' ({holdout}) must be smaller than the dataset ({len(ds)} examples)")
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed + 7919))
     held, kept = perm[:holdout].sort().values, perm[holdout:].sort().values
-
-    def take(idx):
-        return Dataset(ds.x[idx], None if ds.labels is None else ds.labels[idx], ds.num_classes, ds.kind, ds.name)
-
-    return take(kept), take(held)
+    return ds.take(kept), ds.take(held)
 
 
 def load_digits() -> Dataset:
@@ -78,13 +141,25 @@ def toy2d(kind: str, n: int, seed: int = 0) -> Dataset:
     raise UserError(f"recipe key 'data.toy' must be ring or moons, got '{kind}'")
 
 
-def image_folder(path: str, resolution: Optional[int]) -> Dataset:
-    """Every image under `path` (recursively), RGB, center-cropped and resized to `resolution`.
-
-    Sub-folders name classes when there are at least two of them holding images.
-    """
+def _decode(path: Path, resolution: Optional[int]) -> np.ndarray:
     from PIL import Image
 
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if resolution:
+            side = min(im.size)
+            left, top = (im.width - side) // 2, (im.height - side) // 2
+            im = im.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+        return np.asarray(im)
+
+
+def image_folder(path: str, resolution: Optional[int], cache: Optional[str] = None, workers: int = 0) -> Dataset:
+    """Every image under `path` (recursively), RGB, center-cropped and resized to `resolution`, as uint8.
+
+    Sub-folders name classes when there are at least two of them holding images. `cache` ('auto' or a
+    folder) keeps the decoded set as a memory-mapped file (cmgen.data.cache) instead of in RAM;
+    `workers` threads decode it.
+    """
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"recipe key 'data.path': image folder '{path}' does not exist; point it at a folder of images")
@@ -92,24 +167,40 @@ def image_folder(path: str, resolution: Optional[int]) -> Dataset:
     if not files:
         raise UserError(f"recipe key 'data.path': folder '{path}' holds no images ({', '.join(sorted(IMAGE_EXTS))})")
     classes = sorted({p.parent.relative_to(root).as_posix() for p in files})
-    arrays = []
-    for p in files:
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            if resolution:
-                side = min(im.size)
-                left, top = (im.width - side) // 2, (im.height - side) // 2
-                im = im.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
-            arrays.append(np.asarray(im))
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise UserError(f"images in '{path}' differ in size {sorted(shapes)[:3]}; set data.resolution to resize them")
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    labels = None
     if len(classes) >= 2:
         index = {c: i for i, c in enumerate(classes)}
         labels = torch.tensor([index[p.parent.relative_to(root).as_posix()] for p in files])
-        return Dataset(x, labels, len(classes), "image", root.name)
-    return Dataset(x, None, 0, "image", root.name)
+    ncls = len(classes) if labels is not None else 0
+    first = _decode(files[0], resolution)
+    shape = (first.shape[2], first.shape[0], first.shape[1])
+
+    def fill(out: np.ndarray, workers: int) -> None:
+        def one(i: int) -> None:
+            a = _decode(files[i], resolution)
+            if a.shape != first.shape:
+                raise UserError(f"images in '{path}' differ in size ({files[0].name}: {first.shape[:2]}, "
+                                f"{files[i].name}: {a.shape[:2]}); set data.resolution to resize them")
+            out[i] = a.transpose(2, 0, 1)
+
+        if workers > 0:  # PIL decodes and resizes without the GIL: threads scale
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(one, range(len(files)), chunksize=64))
+        else:
+            for i in range(len(files)):
+                one(i)
+
+    if cache:
+        from cmgen.data.cache import cached_images
+
+        images, _, folder = cached_images(root, files, {"kind": "folder", "resolution": resolution}, shape,
+                                          lambda out, w: fill(out, w), setting=cache, workers=workers)
+        return ImageRows(images, labels, ncls, root.name, cache=folder)
+    images = np.empty((len(files), *shape), np.uint8)
+    fill(images, workers)
+    return ImageRows(images, labels, ncls, root.name)
 
 
 CIFAR10_HINT = ("download 'cifar-10-python.tar.gz' from https://www.cs.toronto.edu/~kriz/cifar.html on a machine "
@@ -117,17 +208,37 @@ CIFAR10_HINT = ("download 'cifar-10-python.tar.gz' from https://www.cs.toronto.e
                 "or set data.path to the folder that holds it")
 
 
-def cifar10(root: Optional[str]) -> Dataset:
-    """CIFAR-10 train split through torchvision (never downloads: this machine may be offline)."""
+def cifar10(root: Optional[str], cache: Optional[str] = None) -> Dataset:
+    """CIFAR-10 train split through torchvision (never downloads: this machine may be offline), as uint8;
+    `cache` keeps it memory-mapped (cmgen.data.cache) so the processes of a run share one copy."""
     import torchvision
 
     root = root or str(Path.home() / ".cache" / "cmgen" / "cifar10")
-    try:
-        ds = torchvision.datasets.CIFAR10(root=root, train=True, download=False)
-    except RuntimeError:
-        raise UserError("CIFAR-10 is not under '" + root + "': " + CIFAR10_HINT.format(root=root)) from None
-    x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return Dataset(x, torch.tensor(ds.targets), 10, "image", "cifar10")
+
+    def load():
+        try:
+            return torchvision.datasets.CIFAR10(root=root, train=True, download=False)
+        except RuntimeError:
+            raise UserError("CIFAR-10 is not under '" + root + "': " + CIFAR10_HINT.format(root=root)) from None
+
+    if not cache:
+        ds = load()
+        return ImageRows(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)), torch.tensor(ds.targets), 10, "cifar10")
+    from cmgen.data.cache import cached_images
+
+    batches = Path(root) / "cifar-10-batches-py"
+    files = sorted(batches.glob("data_batch_*")) if batches.is_dir() else []
+    if not files:
+        load()  # the one-sentence error
+
+    def fill(out: np.ndarray, workers: int) -> np.ndarray:
+        ds = load()
+        out[:] = ds.data.transpose(0, 3, 1, 2)
+        return np.asarray(ds.targets)
+
+    images, labels, folder = cached_images(batches, files, {"kind": "cifar10-train"}, (3, 32, 32), fill,
+                                           setting=cache)
+    return ImageRows(images, torch.from_numpy(labels), 10, "cifar10", cache=folder)
 
 
 def random_images(channels: int, resolution: int, num_classes: int, n: int = 256, seed: int = 0) -> Dataset:
@@ -136,6 +247,11 @@ def random_images(channels: int, resolution: int, num_classes: int, n: int = 256
     x = torch.rand(n, channels, resolution, resolution, generator=g) * 2 - 1
     labels = torch.randint(0, num_classes, (n,), generator=g) if num_classes else None
     return Dataset(x, labels, num_classes, "image", "random")
+
+
+def _cache_setting(cfg) -> Optional[str]:
+    """data.cache: 'auto' | 'off' | a folder (None = decode into this process's RAM)."""
+    return None if cfg.cache == "off" else cfg.cache
 
 
 def load_dataset(cfg, seed: int = 0) -> tuple[Dataset, Optional[Dataset]]:
@@ -147,9 +263,9 @@ def load_dataset(cfg, seed: int = 0) -> tuple[Dataset, Optional[Dataset]]:
     elif cfg.name == "folder":
         if not cfg.path:
             raise UserError("recipe key 'data.path' is required when data.name is folder")
-        ds = image_folder(cfg.path, cfg.resolution)
+        ds = image_folder(cfg.path, cfg.resolution, cache=_cache_setting(cfg), workers=cfg.num_workers)
     elif cfg.name == "cifar10":
-        ds = cifar10(cfg.path)
+        ds = cifar10(cfg.path, cache=_cache_setting(cfg))
     elif cfg.name == "random":
         ds = random_images(cfg.channels, cfg.resolution or 32, cfg.num_classes, seed=seed)
     elif cfg.name == "latents":

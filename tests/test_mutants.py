@@ -1,0 +1,112 @@
+"""Formulas the mutation run (tools/mutate.py) found untested: each test fails on the planted bug named."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cmgen.ema import EMA, TargetNetwork
+from cmgen.rng import IndexSampler
+from cmgen.sampling import consistency_multistep, per_image_noise
+from cmgen.schedules import karras_sigmas
+
+
+def test_karras_grid_uses_rho():  # mutant: rho ignored (every other test uses rho = 7)
+    for rho in (1.0, 3.0):
+        s = karras_sigmas(5, 0.5, 10.0, rho)
+        i = torch.arange(5, dtype=torch.float64)
+        want = (0.5 ** (1 / rho) + i / 4 * (10.0 ** (1 / rho) - 0.5 ** (1 / rho))) ** rho
+        assert torch.allclose(s, want, rtol=1e-12)
+    assert torch.allclose(karras_sigmas(5, 0.5, 10.0, 1.0), torch.linspace(0.5, 10.0, 5, dtype=torch.float64))
+
+
+def test_every_epoch_is_a_new_permutation_of_all_examples():  # mutant: the permutation ignores the epoch
+    s = IndexSampler(10, seed=3)
+    epochs = [s.indices(step, 5, 0, 5) for step in range(6)]  # 2 steps per epoch
+    first, second, third = (torch.cat(epochs[k:k + 2]) for k in (0, 2, 4))
+    for e in (first, second, third):
+        assert sorted(e.tolist()) == list(range(10))
+    assert not torch.equal(first, second) and not torch.equal(second, third)
+    # a step split across processes (offsets) reads the same positions of the same permutation
+    assert torch.equal(torch.cat([s.indices(3, 5, 0, 2), s.indices(3, 5, 2, 3)]), s.indices(3, 5, 0, 5))
+
+
+def test_multistep_clamps_every_estimate_and_renoises_from_the_clamped_one():  # mutants: no clamping, sigma_min
+    seen = []
+
+    def too_bright(x, sigma, labels=None):
+        seen.append(x.clone())
+        return torch.full_like(x, 3.0)
+
+    noise = per_image_noise([1, 2], (1, 4, 4))
+    out = consistency_multistep(too_bright, noise, [80.0, 0.5], sigma_min=0.3, clip_denoised=True)
+    assert torch.equal(out, torch.ones_like(out))
+    # the second input re-noises the *clamped* first estimate, with sqrt(sigma^2 - sigma_min^2) = 0.4
+    assert torch.allclose(seen[1], 1.0 + 0.4 * noise(1), atol=1e-6)
+    raw = consistency_multistep(too_bright, noise, [80.0, 0.5], sigma_min=0.3, clip_denoised=False)
+    assert torch.equal(raw, torch.full_like(raw, 3.0))
+
+
+def _lin(value: float) -> nn.Module:
+    m = nn.Linear(2, 2)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(value)
+    return m
+
+
+def test_ema_rule_shadow_moves_by_one_minus_decay_toward_the_weights():  # mutants: EMA frozen / reversed
+    model = _lin(1.0)
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(11.0)
+    ema.update(model)
+    assert all(torch.allclose(s, torch.full_like(s, 2.0)) for s in ema.shadow)  # 0.9 * 1 + 0.1 * 11
+    ema.update(model, decay=0.5)
+    assert all(torch.allclose(s, torch.full_like(s, 6.5)) for s in ema.shadow)  # 0.5 * 2 + 0.5 * 11
+    out = _lin(0.0)
+    ema.copy_to(out)
+    assert all(torch.allclose(p, torch.full_like(p, 6.5)) for p in out.parameters())
+
+
+def test_target_network_follows_the_model_with_its_decay_of_the_step():  # mutant: decay inverted
+    model = _lin(1.0)
+    target = TargetNetwork(model, decay=lambda step: 0.0 if step == 0 else 0.75)
+    assert not any(p.requires_grad for p in target.module.parameters())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(5.0)
+    target.update(model, step=1)
+    assert all(torch.allclose(p, torch.full_like(p, 2.0)) for p in target.module.parameters())  # .75*1 + .25*5
+    target.update(model, step=0)  # decay 0: a copy
+    assert all(torch.allclose(p, torch.full_like(p, 5.0)) for p in target.module.parameters())
+
+
+def test_ict_curriculum_uses_the_stored_k_not_train_steps():  # mutant: K from train.steps
+    from cmgen.generator import Generator
+    from cmgen.methods import build_method, resolve_recipe
+    from cmgen.recipe import load_recipe
+
+    recipe = resolve_recipe(load_recipe("ict_digits", ["model.block_out_channels=[16,32]", "model.norm_num_groups=8",
+                                                       "model.attention_head_dim=8", "method.total_steps=100",
+                                                       "train.steps=1000", "method.s1=40"]))
+    method = build_method(recipe, Generator.build(recipe, (1, 8, 8), 10))
+    # K = 100, s0 = 10, s1 = 40: K' = floor(100 / 3) = 33
+    assert [method.discretisation(k) for k in (0, 32, 33, 66, 99, 500)] == [11, 11, 21, 41, 41, 41]
+
+
+def test_ict_teacher_is_under_stop_gradient_and_the_student_carries_the_gradient():  # mutant: no no_grad
+    from cmgen.generator import Generator
+    from cmgen.methods import Batch, Nets, build_method
+    from cmgen.recipe import load_recipe
+    from cmgen.rng import BatchRNG
+
+    recipe = load_recipe("ict_digits", ["model.block_out_channels=[16,32]", "model.norm_num_groups=8",
+                                        "model.attention_head_dim=8"])
+    gen = Generator.build(recipe, (1, 8, 8), 10)
+    method = build_method(recipe, gen)
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    p = method.pair(gen.net, Batch(x, None, BatchRNG(0, 0, 4, 0, 4)), 0)
+    assert not p.target.requires_grad and p.target.grad_fn is None
+    assert p.pred.requires_grad
