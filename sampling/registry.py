@@ -87,6 +87,10 @@ def _run_ctm_gamma(net, noise, times, labels, gen, opt):
                      sigma_min=gen.recipe.precond.sigma_min, class_labels=labels, clip_denoised=gen.clip)
 
 
+def _run_ctm_multistep(net, noise, times, labels, gen, opt):
+    return _run_ctm_gamma(net, noise, times, labels, gen, {"gamma": 1.0})
+
+
 def _run_ctm_heun(net, noise, times, labels, gen, opt):
     from cmgen.sampling.edm import edm_heun
 
@@ -112,6 +116,8 @@ SAMPLERS: dict[str, dict[str, Sampler]] = {
                             "SDE with the ODE's marginals (Flow-GRPO), N evaluations")},
     "ctm": {"gamma": Sampler("gamma", _ctm_times, len, _run_ctm_gamma,
                              "CTM gamma-sampling (--gamma 0: ODE jumps, 1: consistency multistep), N evaluations"),
+            "multistep": Sampler("multistep", _ctm_times, len, _run_ctm_multistep,
+                                 "consistency multistep with f(x, t) = G(x, t, sigma_min) (gamma = 1), N evaluations"),
             "heun": Sampler("heun", _edm_times, _heun_nfe, _run_ctm_heun,
                             "EDM Heun on CTM's denoiser g(x, t, t), 2N - 1 evaluations")},
 }

@@ -110,6 +110,8 @@ def two_time_backbone(backbone: nn.Module) -> TwoTimeUNetBackbone:
     from cmgen.errors import UserError
 
     unet = getattr(backbone, "unet", None)
+    if isinstance(unet, TwoTimeUNet2DModel):   # a loaded CTM export
+        return TwoTimeUNetBackbone(unet)
     if not isinstance(unet, UNet2DModel) or type(unet) is not UNet2DModel:
         raise UserError("method 'ctm' needs model.arch: unet with model.norm: group (a diffusers UNet2DModel); "
                         "set them in the recipe")
