@@ -485,3 +485,32 @@ def test_export_samples_equal_cmgen_sample_for_both_gammas(tmp_path):
     # the export loads back as a CTM Generator (cmgen sample on the pipeline folder)
     assert main(["sample", str(tmp_path / "pipe"), "--steps", "2", "--gamma", "0.5", "--n", "2", "--out",
                  str(tmp_path / "back.npz"), "--no-progress"]) == 0
+
+
+def test_paper_settings_of_the_ctm_gpu_recipes():
+    from cmgen.recipe import load_recipe
+
+    c = load_recipe("ctm_cifar10")
+    m = c.method
+    assert (m.grid, m.max_k, m.distance, m.target_decay, m.p_mean, m.p_std, m.dsm_karras_r) == \
+        (18, 17, "lpips", 0.999, -1.2, 1.2, 0.7)
+    assert (c.optim.name, c.optim.lr, c.train.batch_size, m.gan_start, m.disc_lr, m.disc_betas, m.gan_period) == \
+        ("radam", 4e-4, 256, 50000, 2e-3, (0.5, 0.9), 2)
+    i = load_recipe("ctm_imagenet64")
+    assert (i.method.grid, i.method.max_k, i.train.batch_size, i.model.class_conditional, i.precond.c_noise) == \
+        (40, 39, 1440, True, "cm")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,extra", [
+    ("ctm_cifar10", ["method.gan_start=1"]),
+    ("ctm_imagenet64", ["train.mixed_precision=no"])])
+def test_ctm_gpu_recipes_smoke_on_the_cpu(capsys, name, extra):
+    """The real models, 2 steps on random data; a random teacher (no teacher run here), K = 2 to keep the
+    teacher's Heun steps few, L2 (no LPIPS weights here); for CIFAR-10 the GAN stage from step 1."""
+    from cmgen.cli import main
+
+    code = main(["train", name, "method.teacher=null", "method.max_k=2", "method.distance=l2", *extra, "--smoke"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "-> ok" in out

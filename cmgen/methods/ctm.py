@@ -278,8 +278,9 @@ class Method(BaseMethod):
             x = x + h * 0.5 * (d + d_e)
         return x
 
-    def estimate_and_target(self, nets, batch):
-        """(x_est with the gradient of the inner call, x_tgt without any, draws)."""
+    def estimate_and_target(self, nets, batch, with_target: bool = True):
+        """(x_est with the gradient of the inner call, x_tgt without any (None without `with_target`: the
+        discriminator's fakes need no teacher), draws)."""
         x, labels, rng = batch.x, batch.labels, batch.rng
         k, i_t, i_s = self.draw(rng, len(x))
         dev = x.device
@@ -289,8 +290,10 @@ class Method(BaseMethod):
         sigma_min = torch.full_like(s, self.recipe.precond.sigma_min)
         z = rng.randn(*x.shape[1:]).to(x.dtype)
         x_t = x + t.view((-1,) + (1,) * (x.ndim - 1)) * z
-        x_u = self.teacher_heun(nets.teacher, x_t, i_t, k, labels)
         est = nets.target(nets.model(x_t, t, s, labels), s, sigma_min, labels)
+        if not with_target:
+            return est, None, (k, t, u, s)
+        x_u = self.teacher_heun(nets.teacher, x_t, i_t, k, labels)
         with torch.no_grad():
             tgt = nets.target(nets.model(x_u, u, s, labels), s, sigma_min, labels)
         return est, tgt, (k, t, u, s)
@@ -318,7 +321,7 @@ class Method(BaseMethod):
             from cmgen.methods.ctm_gan import discriminator_loss
 
             with torch.no_grad():
-                fake, _, _ = self.estimate_and_target(nets, batch)
+                fake, _, _ = self.estimate_and_target(nets, batch, with_target=False)
             return discriminator_loss(nets.disc, batch.x, fake, batch.rng, self.cfg.diffaug)
         c = self.cfg
         est, tgt, (k, *_rest) = self.estimate_and_target(nets, batch)
