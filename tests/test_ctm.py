@@ -514,3 +514,19 @@ def test_ctm_gpu_recipes_smoke_on_the_cpu(capsys, name, extra):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "-> ok" in out
+
+
+def test_a_resumed_gan_run_equals_a_straight_one(tmp_path):
+    """The target theta-, the discriminator and its optimizer are checkpointed: 2 + 2 steps equal 4."""
+    from cmgen.checkpoint import load_tensors
+    from cmgen.train import train
+
+    extra = ("method.gan_start=1", "train.steps=4", "train.checkpoint_every=2", "train.sample_every=0",
+             "train.sample_n=4", "method.max_k=2")
+    straight = train(tiny_recipe(*extra), tmp_path / "a", progress=False)
+    train(tiny_recipe(*extra), tmp_path / "b", progress=False, stop_after=2)
+    resumed = train(tiny_recipe(*extra), tmp_path / "b", resume="auto", progress=False)
+    for name in ("model", "ema", "target-target", "disc", "disc-optimizer"):
+        a = load_tensors(straight / "checkpoints" / "step-00000004" / f"{name}.safetensors")
+        b = load_tensors(resumed / "checkpoints" / "step-00000004" / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
