@@ -368,6 +368,30 @@ def test_gan_alternates_g_and_d_steps_and_the_emas_move_on_g_steps_only(tmp_path
             assert 0.01 <= terms["lambda_gan"] <= 10 and "gan_g" in terms
         if not g_step:
             assert "disc/loss" in terms
+    assert ctm_method.GAN_WEIGHT_RANGE == (0.01, 10.0) and ctm_method.DSM_WEIGHT_RANGE == (0.0, 1e4)
+
+
+def test_the_generator_loss_adds_the_clipped_adaptive_gan_term():
+    from cmgen.methods.ctm_gan import generator_loss
+
+    m = make_method("method.gan_start=0")
+    perturb(m.gen.net, 0.05)
+    nets = nets_of(m)
+    nets["disc"] = m.disc
+    x = torch.randn(8, 1, 8, 8).clamp(-1, 1)
+    terms = m.loss(nets, Batch(x, None, BatchRNG(0, 0, 8, 0, 8)), 0)
+    rng = BatchRNG(0, 0, 8, 0, 8)
+    est, tgt, _ = m.estimate_and_target(nets, Batch(x, None, rng))
+    l_ctm = (est - tgt).pow(2).flatten(1).mean(1).mean()
+    l_dsm, _ = m.dsm(nets, Batch(x, None, rng))
+    l_g = generator_loss(nets.disc, est, rng, m.cfg.diffaug)
+    W = m.layer
+    g = lambda loss: torch.autograd.grad(loss, W, retain_graph=True)[0].norm()  # noqa: E731
+    lam_gan = (g(l_ctm) / (g(l_g) + 1e-4)).clamp(0.01, 10.0)
+    lam_dsm = g(l_ctm) / (g(l_dsm) + 1e-4)
+    assert terms["lambda_gan"].item() == pytest.approx(lam_gan.item(), rel=1e-4)
+    want = l_ctm + lam_dsm * l_dsm + lam_gan * l_g
+    assert terms["loss"].item() == pytest.approx(want.item(), rel=1e-4)
 
 
 # ----------------------------------------------------------------------------- gamma-sampling

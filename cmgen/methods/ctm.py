@@ -36,6 +36,8 @@ from cmgen.rng import keyed_generator
 from cmgen.schedules import karras_sigmas
 
 DISTANCES = ("l2", "pseudo_huber", "lpips")
+DSM_WEIGHT_RANGE = (0.0, 1e4)       # lambda_DSM clamp (reference code)
+GAN_WEIGHT_RANGE = (0.01, 10.0)     # lambda_GAN clip (reference code)
 
 
 @dataclass(frozen=True)
@@ -329,14 +331,14 @@ class Method(BaseMethod):
         loss, terms = l_ctm, {"ctm": l_ctm.detach(), "k": torch.tensor(float(k))}
         if c.dsm_weight > 0:
             l_dsm, mse = self.dsm(nets, batch)
-            lam = adaptive_weight(l_ctm, l_dsm, self.layer, 0.0, 1e4) if c.adaptive_dsm else torch.tensor(1.0)
+            lam = adaptive_weight(l_ctm, l_dsm, self.layer, *DSM_WEIGHT_RANGE) if c.adaptive_dsm else torch.tensor(1.0)
             loss = loss + c.dsm_weight * lam * l_dsm
             terms |= {"dsm": l_dsm.detach(), "dsm_mse": mse, "lambda_dsm": lam}
         if gate(step, c.gan_start):
             from cmgen.methods.ctm_gan import generator_loss
 
             l_g = generator_loss(nets.disc, est, batch.rng, c.diffaug)
-            lam = adaptive_weight(l_ctm, l_g, self.layer, 0.01, 10.0)
+            lam = adaptive_weight(l_ctm, l_g, self.layer, *GAN_WEIGHT_RANGE)
             loss = loss + c.gan_weight * lam * l_g
             terms |= {"gan_g": l_g.detach(), "lambda_gan": lam}
         return {"loss": loss} | terms
