@@ -554,3 +554,13 @@ def test_a_resumed_gan_run_equals_a_straight_one(tmp_path):
         a = load_tensors(straight / "checkpoints" / "step-00000004" / f"{name}.safetensors")
         b = load_tensors(resumed / "checkpoints" / "step-00000004" / f"{name}.safetensors")
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
+
+
+def test_only_estimates_at_sigma_min_are_clipped():
+    skip = lambda x, t, s, y=None: x * (s / t).view(-1, 1, 1, 1)  # noqa: E731  G = (s/t) x exactly (g = 0)
+    times = ctm_times(4)
+    z = seeded()(0)
+    out = ctm_gamma(skip, seeded(), times, gamma=0.0, clip_denoised=True)
+    assert torch.allclose(out, (0.002 * z).clamp(-1, 1), atol=1e-6)      # intermediate states (|x| >> 1) not clipped
+    out1 = ctm_gamma(skip, seeded(), times, gamma=1.0, clip_denoised=True)
+    assert out1.abs().max() <= 1.0
