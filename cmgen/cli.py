@@ -87,7 +87,9 @@ def _smoke(recipe_path: str, overrides: list[str]) -> int:
         losses = []
         for _ in range(2):
             terms = trainer.train_step()
-            losses.append(float("nan") if terms is None else terms["loss"])
+            # a step may update another part only (a GAN's discriminator step): its loss is "<part>/loss"
+            losses.append(float("nan") if terms is None else
+                          next(v for k, v in terms.items() if k == "loss" or k.endswith("/loss")))
         took = time.time() - start
     ok = all(torch.isfinite(torch.tensor(losses)))
     print(f"cmgen: smoke test of '{recipe.name}': {n_params / 1e6:.1f}M parameters, data shape "

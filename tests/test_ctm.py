@@ -527,11 +527,11 @@ def test_paper_settings_of_the_ctm_gpu_recipes():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,extra", [
-    ("ctm_cifar10", ["method.gan_start=1"]),
+    ("ctm_cifar10", ["method.gan_start=0"]),
     ("ctm_imagenet64", ["train.mixed_precision=no"])])
 def test_ctm_gpu_recipes_smoke_on_the_cpu(capsys, name, extra):
     """The real models, 2 steps on random data; a random teacher (no teacher run here), K = 2 to keep the
-    teacher's Heun steps few, L2 (no LPIPS weights here); for CIFAR-10 the GAN stage from step 1."""
+    teacher's Heun steps few, L2 (no LPIPS weights here); for CIFAR-10 the GAN stage from step 0 (a G step, then a D step)."""
     from cmgen.cli import main
 
     code = main(["train", name, "method.teacher=null", "method.max_k=2", "method.distance=l2", *extra, "--smoke"])
