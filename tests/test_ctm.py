@@ -484,6 +484,10 @@ def test_bad_recipe_fields_name_the_field():
         make_method("method.gan_start=0", "method.disc_features=timm:deit_base_distilled_patch16_224")
     with pytest.raises(UserError, match="method.teacher 'nowhere' does not exist"):
         make_method("method.teacher=nowhere")
+    from cmgen.generator import Generator
+
+    with pytest.raises(UserError, match="model.arch: unet"):
+        Generator.build(tiny_recipe("model.arch=mlp", "data.name=toy2d"), (2,), 0)
 
 
 def test_export_samples_equal_cmgen_sample_for_both_gammas(tmp_path):
