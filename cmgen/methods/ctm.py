@@ -157,6 +157,8 @@ def lpips_distance(weights: Optional[str], device):
     net.requires_grad_(False)
 
     def dist(a, b):
+        if next(net.parameters()).device != a.device:
+            net.to(a.device)
         up = lambda v: torch.nn.functional.interpolate(  # noqa: E731
             v.float().expand(-1, 3, -1, -1) if v.shape[1] == 1 else v.float(), size=224, mode="bilinear")
         return net(up(a), up(b), normalize=False).flatten()
@@ -225,7 +227,7 @@ class Method(BaseMethod):
         self.teacher = load_teacher(cfg, recipe, gen)
         init_from_teacher(gen.net, self.teacher, str(cfg.teacher))
         self.times = karras_sigmas(cfg.grid, p.sigma_min, p.sigma_max, p.rho).flip(0)   # t_0 = sigma_max
-        self.distance = distance_fn(cfg, math.prod(gen.shape), "cpu")
+        self.distance = distance_fn(cfg, math.prod(gen.shape), "cpu")   # LPIPS follows the inputs' device
         x = torch.zeros(1, *gen.shape)
         labels = torch.zeros(1, dtype=torch.long) if gen.conditional else None
         self.layer = output_layer(gen.net, x, torch.ones(1), torch.ones(1), labels)
