@@ -91,7 +91,9 @@ def _smoke(recipe_path: str, overrides: list[str]) -> int:
         losses = []
         for _ in range(2):
             terms = trainer.train_step()
-            losses.append(float("nan") if terms is None else terms["loss"])
+            # a step may update another part only (a GAN's discriminator step): its loss is "<part>/loss"
+            losses.append(float("nan") if terms is None else
+                          next(v for k, v in terms.items() if k == "loss" or k.endswith("/loss")))
         took = time.time() - start
     ok = all(torch.isfinite(torch.tensor(losses)))
     print(f"cmgen: smoke test of '{recipe.name}': {n_params / 1e6:.1f}M parameters, data shape "
@@ -122,8 +124,17 @@ def cmd_sample(args) -> int:
     gen = load_model(args.run, ema=not args.no_ema, device=device)
     sampler = gen.sampler(args.sampler).name
     gen.check_guidance(args.cfg)
+    options = {}
+    if args.gamma is not None:
+        if sampler != "gamma":
+            raise UserError(f"--gamma applies to CTM's gamma sampler; this is a {gen.parameterisation} model "
+                            f"sampled with {sampler}, drop --gamma")
+        if not 0.0 <= args.gamma <= 1.0:
+            raise UserError(f"--gamma must be in [0, 1] (0: deterministic jumps, 1: consistency multistep), "
+                            f"got {args.gamma}")
+        options["gamma"] = args.gamma
     if args.sigmas:
-        if gen.parameterisation != "cm":
+        if gen.parameterisation not in ("cm", "ctm") or sampler not in ("multistep", "gamma"):
             raise UserError(f"--sigmas applies to consistency models; this is a {gen.parameterisation} model, "
                             "use --steps")
         p = gen.recipe.precond
@@ -141,11 +152,11 @@ def cmd_sample(args) -> int:
         labels = torch.full((args.n,), args.class_label, dtype=torch.long)
     autocast = torch.bfloat16 if args.bf16 else None
     nfe = gen.nfe(times, sampler, args.cfg)
-    steps = len(times) - (0 if gen.parameterisation == "cm" else 1)
+    steps = len(times) - (0 if sampler in ("multistep", "gamma") else 1)
     batches, ys = [], []
     for x, y in generate(gen, args.n, times, sampler=sampler, seed=args.seed, batch_size=args.batch_size,
                          labels=labels, guidance=args.cfg, device=device, autocast_dtype=autocast,
-                         progress=not args.no_progress, desc=f"sampling {steps}-step {sampler}"):
+                         progress=not args.no_progress, desc=f"sampling {steps}-step {sampler}", **options):
         batches.append(x)
         if y is not None:
             ys.append(y)
@@ -154,6 +165,8 @@ def cmd_sample(args) -> int:
     suffix = out.suffix.lower()
     shown = ", ".join(f"{s:.4g}" for s in times)
     cfg = f", cfg {args.cfg:g}" if args.cfg != 1.0 else ""
+    if sampler == "gamma":
+        cfg += f", gamma {options.get('gamma', gen.recipe.sample.gamma):g}"
     if suffix in (".png", ""):
         png = out if suffix == ".png" else out.with_suffix(".png")
         save_samples(x[:args.grid_max], png, title=f"{steps}-step {sampler} (NFE {nfe}{cfg})")
@@ -250,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "trained with method.label_dropout; default 1 = off)")
     s.add_argument("--sigmas", metavar="S1,S2,...", help="consistency models: explicit decreasing noise levels, "
                    "e.g. 80,0.821")
+    s.add_argument("--gamma", type=float, default=None, help="ctm: gamma-sampling's gamma in [0, 1] (0: deterministic "
+                   "jumps, 1: consistency multistep; default: the recipe's sample.gamma)")
     s.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     s.add_argument("--seed", type=int, default=0, help="sample j uses seed + j (default 0)")
     s.add_argument("--out", required=True, metavar="FILE", help="FILE.png (grid), FILE.npz (uint8 NHWC 'images' and "

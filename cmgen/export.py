@@ -139,7 +139,7 @@ def _exportable_network(lm):
         raise UserError(f"'{lm.source}' is an EDM model trained with precond.c_noise={lm.recipe.precond.c_noise}; "
                         "diffusers' EDMEulerScheduler feeds the UNet 0.25 ln(sigma), so only precond.c_noise: edm "
                         "models export; sample this one with `cmgen sample`")
-    if lm.parameterisation not in ("cm", "edm", "flow"):
+    if lm.parameterisation not in ("cm", "edm", "flow", "ctm"):
         raise UserError(f"'{lm.source}' holds a {lm.parameterisation} model, which cmgen export does not write yet; "
                         "sample it with `cmgen sample`")
     if lm.kind == "latent" and lm.parameterisation != "cm":
@@ -163,6 +163,8 @@ def _build_pipeline(unet, lm):
     p, s = recipe.precond, recipe.sample
     if lm.parameterisation in ("edm", "flow"):
         return _diffusion_pipeline(unet, lm), None
+    if lm.parameterisation == "ctm":
+        return _ctm_pipeline(unet, lm), None
     if lm.kind == "latent":  # the VAE and the latent statistics travel with the UNet
         from cmgen.pipelines import CMGenLatentPipeline, LatentStatistics
 
@@ -183,6 +185,16 @@ def _build_pipeline(unet, lm):
     sched = CMGenScheduler(sigma_min=p.sigma_min, sigma_max=p.sigma_max, sigma_data=p.sigma_data, rho=p.rho,
                            sample_sigmas=list(s.sigmas), clip_denoised=s.clip_denoised)
     return pipeline_class(unet=unet, scheduler=sched), None
+
+
+def _ctm_pipeline(unet, lm):
+    from cmgen.pipelines import CMGenScheduler, pipeline_class_for
+
+    p, s = lm.recipe.precond, lm.recipe.sample
+    sched = CMGenScheduler(sigma_min=p.sigma_min, sigma_max=p.sigma_max, sigma_data=p.sigma_data, rho=p.rho,
+                           sample_sigmas=list(lm.times(s.steps)), clip_denoised=lm.clip)
+    return pipeline_class_for(unet, "ctm")(unet=unet, scheduler=sched, c_noise=p.c_noise, default_gamma=s.gamma,
+                                           default_steps=s.steps)
 
 
 def _diffusion_pipeline(unet, lm):
@@ -268,6 +280,11 @@ def _usage(info: dict, grid: Optional[KarrasGrid], sigmas: list, class_condition
                 'pipe = DiffusionPipeline.from_pretrained("PATH")  # diffusers alone, works offline\n'
                 f"images = pipe({args}, num_inference_steps=1).images  # 1 step\n" + two)
     name, shown = info["pipeline_class"], ", ".join(f"{s:g}" for s in sigmas[:2])
+    if name == "CMGenCTMPipeline":
+        return (head + f"from cmgen.pipelines import {name}\n\n"
+                f'pipe = {name}.from_pretrained("PATH")\n'
+                f"images = pipe({args}, num_inference_steps=1).images  # 1 jump sigma_max -> sigma_min\n"
+                f"images = pipe({args}, num_inference_steps=4, gamma=0.0).images  # gamma-sampling, NFE 4\n")
     if name in ("CMGenEDMPipeline", "CMGenFlowPipeline"):
         samplers = "heun (default), euler" if name == "CMGenEDMPipeline" else "euler (default), sde"
         return (head + f"from cmgen.pipelines import {name}\n\n"

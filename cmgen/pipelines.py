@@ -31,6 +31,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  looked up by name when loading
 
 from cmgen.models.nsln import NsLNUNet2DModel
+from cmgen.models.two_time import TwoTimeUNet2DModel
 from cmgen.precond import ConsistencyDenoiser, PrecondConfig
 
 Generators = Union[torch.Generator, list[torch.Generator], None]
@@ -309,6 +310,46 @@ class CMGenFlowPipeline(_GuidedPipeline):
         return x
 
 
+class CMGenCTMPipeline(DiffusionPipeline):
+    """CTM jump G(x, t, s) over a `TwoTimeUNet2DModel` with a `CMGenScheduler` (its constants) and
+    cmgen's gamma-sampling: `gamma=0` deterministic jumps along the ODE, `gamma=1` consistency multistep,
+    on the first N points of a Karras grid of N + 1 (or explicit decreasing `sigmas`)."""
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet, scheduler: CMGenScheduler, c_noise: str = "edm", default_gamma: float = 0.0,
+                 default_steps: int = 1):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(c_noise=c_noise, default_gamma=default_gamma, default_steps=default_steps)
+
+    def jump(self):
+        from dataclasses import replace
+
+        from cmgen.models.two_time import TwoTimeUNetBackbone
+        from cmgen.precond import TrajectoryJump
+
+        precond = replace(self.scheduler.precond(), c_noise=self.config.c_noise)
+        return TrajectoryJump(TwoTimeUNetBackbone(self.unet), precond).eval()
+
+    @torch.no_grad()
+    def __call__(self, batch_size: int = 1, class_labels=None, num_inference_steps: Optional[int] = None,
+                 gamma: Optional[float] = None, sigmas: Optional[Sequence[float]] = None,
+                 generator: Generators = None, output_type: str = "pil", return_dict: bool = True):
+        from cmgen.sampling.ctm import ctm_gamma, ctm_times
+
+        device, c = self._execution_device, self.scheduler.config
+        steps = num_inference_steps or self.config.default_steps
+        times = list(sigmas) if sigmas is not None else ctm_times(steps, c.sigma_min, c.sigma_max, c.rho)
+        labels = _class_labels(self.unet, class_labels, batch_size, device)
+        noise = generator_noise(generator, batch_size, _sample_shape(self.unet), device)
+        x = ctm_gamma(self.jump(), noise, times, gamma=self.config.default_gamma if gamma is None else gamma,
+                      sigma_min=c.sigma_min, class_labels=labels, clip_denoised=c.clip_denoised)
+        image = _images(x, output_type, self.numpy_to_pil)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=image) if return_dict else (image,)
+
+
 # The registry: parameterisation -> network class -> the cmgen pipeline class that samples it
 # (looked up along the class's MRO). A new exportable network adds one entry here. Its module is
 # thereby imported with cmgen.pipelines, which diffusers 0.42 requires: it loads components only
@@ -318,6 +359,7 @@ PIPELINES: dict[str, dict[type, type]] = {
     "cm": {UNet2DModel: CMGenPipeline, NsLNUNet2DModel: CMGenPipeline},
     "edm": {UNet2DModel: CMGenEDMPipeline, NsLNUNet2DModel: CMGenEDMPipeline},
     "flow": {UNet2DModel: CMGenFlowPipeline, NsLNUNet2DModel: CMGenFlowPipeline},
+    "ctm": {TwoTimeUNet2DModel: CMGenCTMPipeline},
 }
 
 

@@ -4,6 +4,7 @@
   c_skip/c_out of Song et al. 2023 (CM, eq. 7 and App. C), so f(x, sigma_min) = x exactly;
 - EDM denoiser (`edm`): D(x, sigma) with Karras et al. 2022 (Table 1) scalings,
   c_skip = sigma_d^2/(sigma^2+sigma_d^2), c_out = sigma sigma_d/sqrt(sigma^2+sigma_d^2);
+- CTM jump (`ctm`): G(x, t, s) = (s/t) x + (1 - s/t) g(x, t, s), g EDM-scaled in t (TrajectoryJump);
 - flow velocity (`flow`): v(x, t) = F(x, 1000 t), x_t = (1 - t) x_0 + t eps (SD3's timestep scale).
 
 c_noise follows the backbone convention named by `precond.c_noise`: `cm` = 1000 * 0.25 ln(sigma), the
@@ -116,4 +117,34 @@ class FlowVelocity(Parameterised):
         return self.backbone(x.float(), FLOW_TIME_SCALE * t, class_labels).float()
 
 
-NETWORKS = {"cm": ConsistencyDenoiser, "edm": EDMDenoiser, "flow": FlowVelocity}
+class TrajectoryJump(Parameterised):
+    """CTM's jump G(x, t, s) = (s/t) x + (1 - s/t) g(x, t, s) (Kim et al. 2024, eq. 4), with
+    g(x, t, s) = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t), c_noise(s), y) in EDM's scalings of t only.
+    G(x, t, t) = x by construction; D(x, t) = g(x, t, t) is the denoiser. The backbone is made two-time."""
+
+    def __init__(self, backbone: nn.Module, cfg: PrecondConfig = PrecondConfig()):
+        from cmgen.models.two_time import two_time_backbone
+
+        super().__init__(backbone if getattr(backbone, "two_time", False) else two_time_backbone(backbone), cfg)
+
+    def g(self, x: torch.Tensor, t, s, class_labels=None) -> torch.Tensor:
+        sd, conv = self.cfg.sigma_data, self.cfg.c_noise
+        t, s = _per_sample(t, x), _per_sample(s, x)
+        te, x32 = _expand(t, x), x.float()
+        out = self.backbone(c_in(te, sd) * x32, c_noise(t, conv), c_noise(s, conv), class_labels)
+        return edm_c_skip(te, sd) * x32 + edm_c_out(te, sd) * out.float()
+
+    def denoise(self, x: torch.Tensor, t, class_labels=None) -> torch.Tensor:
+        """D(x, t) = g(x, t, t)."""
+        return self.g(x, t, t, class_labels)
+
+    def forward(self, x: torch.Tensor, t, s, class_labels=None, output: str = "G") -> torch.Tensor:
+        """G(x, t, s); `output="g"` returns g(x, t, s) (one call that works through DDP wrappers)."""
+        if output == "g":
+            return self.g(x, t, s, class_labels)
+        t, s = _per_sample(t, x), _per_sample(s, x)
+        ratio = _expand(s / t, x)
+        return ratio * x.float() + (1.0 - ratio) * self.g(x, t, s, class_labels)
+
+
+NETWORKS = {"cm": ConsistencyDenoiser, "edm": EDMDenoiser, "flow": FlowVelocity, "ctm": TrajectoryJump}

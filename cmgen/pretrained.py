@@ -32,6 +32,12 @@ def load_weights(model: torch.nn.Module, weights: dict, where: str) -> None:
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     missing = [k for k in own if k not in weights and k not in frozen]
     unexpected = [k for k in weights if k not in own]
+    if missing and not unexpected:
+        from cmgen.models.two_time import is_s_branch
+
+        if all(is_s_branch(k) for k in missing):
+            raise UserError(f"weights in '{where}' have no s branch (time_embedding_s, time_emb_proj.s): they are a "
+                            "one-time EDM network, not a CTM; use them as method.teacher of a ctm recipe")
     if missing or unexpected:
         name = (missing or unexpected)[0]
         raise UserError(f"weights in '{where}' do not fit the recipe's model ({len(missing)} missing, "

@@ -99,6 +99,7 @@ class SampleConfig:
     churn: float = 0.0              # edm heun: S_churn (0 = deterministic Algorithm 1)
     shift: float = 1.0              # flow: SD3 timestep shift of the sampling times
     sde_a: float = 0.7              # flow sde: sigma_t = a sqrt(t / (1 - t))
+    gamma: float = 0.0              # ctm gamma-sampling: 0 = deterministic jumps, 1 = consistency multistep
 
 
 @dataclass(frozen=True)
@@ -384,6 +385,7 @@ def validate(r: Recipe) -> None:
          f"recipe key 'sample.sampler' must be one of {', '.join(SAMPLERS[param])} for method "
          f"'{type(r.method).__module__.rsplit('.', 1)[-1]}', got '{r.sample.sampler}'")
     need(r.sample.steps >= 1, "recipe key 'sample.steps' must be at least 1")
+    need(0.0 <= r.sample.gamma <= 1.0, f"recipe key 'sample.gamma' must be in [0, 1], got {r.sample.gamma}")
     need(r.sample.shift > 0 and r.sample.churn >= 0 and r.sample.sde_a > 0,
          "recipe keys 'sample.shift' and 'sample.sde_a' must be positive and 'sample.churn' at least 0")
     s = r.sample.sigmas

@@ -72,6 +72,31 @@ def _run_flow_sde(net, noise, times, labels, gen, opt):
     return flow_sde(net, noise, times, class_labels=labels, a=opt.get("sde_a", gen.recipe.sample.sde_a))
 
 
+def _ctm_times(recipe, steps):
+    from cmgen.sampling.ctm import ctm_times
+
+    p = recipe.precond
+    return ctm_times(steps, p.sigma_min, p.sigma_max, p.rho)
+
+
+def _run_ctm_gamma(net, noise, times, labels, gen, opt):
+    from cmgen.sampling.ctm import ctm_gamma
+
+    gamma = opt.get("gamma")
+    return ctm_gamma(net, noise, times, gamma=gen.recipe.sample.gamma if gamma is None else gamma,
+                     sigma_min=gen.recipe.precond.sigma_min, class_labels=labels, clip_denoised=gen.clip)
+
+
+def _run_ctm_multistep(net, noise, times, labels, gen, opt):
+    return _run_ctm_gamma(net, noise, times, labels, gen, {"gamma": 1.0})
+
+
+def _run_ctm_heun(net, noise, times, labels, gen, opt):
+    from cmgen.sampling.edm import edm_heun
+
+    return edm_heun(net.denoise, noise, times, class_labels=labels)
+
+
 def _heun_nfe(times):
     from cmgen.sampling.edm import heun_nfe
 
@@ -89,8 +114,14 @@ SAMPLERS: dict[str, dict[str, Sampler]] = {
                               "Euler ODE, N evaluations"),
              "sde": Sampler("sde", _flow_times, lambda t: len(t) - 1, _run_flow_sde,
                             "SDE with the ODE's marginals (Flow-GRPO), N evaluations")},
+    "ctm": {"gamma": Sampler("gamma", _ctm_times, len, _run_ctm_gamma,
+                             "CTM gamma-sampling (--gamma 0: ODE jumps, 1: consistency multistep), N evaluations"),
+            "multistep": Sampler("multistep", _ctm_times, len, _run_ctm_multistep,
+                                 "consistency multistep with f(x, t) = G(x, t, sigma_min) (gamma = 1), N evaluations"),
+            "heun": Sampler("heun", _edm_times, _heun_nfe, _run_ctm_heun,
+                            "EDM Heun on CTM's denoiser g(x, t, t), 2N - 1 evaluations")},
 }
-DEFAULT_SAMPLER = {"cm": "multistep", "edm": "heun", "flow": "euler"}
+DEFAULT_SAMPLER = {"cm": "multistep", "edm": "heun", "flow": "euler", "ctm": "gamma"}
 
 
 def get_sampler(parameterisation: str, name=None) -> Sampler:

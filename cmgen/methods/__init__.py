@@ -16,6 +16,7 @@ _MODULES = {
     "edm": "cmgen.methods.edm",
     "flow": "cmgen.methods.flow",
     "lct": "cmgen.methods.lct",
+    "ctm": "cmgen.methods.ctm",
 }
 
 __all__ = ["Batch", "Dist", "Method", "Nets", "Part", "gate", "method_config_class", "method_name_of",

@@ -1,0 +1,178 @@
+"""CTM's GAN stage: a discriminator over a feature network, hinge losses and DiffAugment.
+
+The paper's discriminator is Projected-GAN style: frozen ImageNet backbones (DeiT, EfficientNet) with
+trainable heads per feature scale. Offline, the feature network is one of
+- `own`: a small conv network trained here with the heads (no frozen backbone);
+- `digits`: cmgen's digits classifier (eval/digits_net.py), frozen; `disc_weights` may name its file;
+- `timm:NAME`: a timm backbone, frozen, from the weights file `disc_weights` (inputs resized to 224).
+Hinge losses (Lim & Ye 2017), summed over heads: L_D = E relu(1 - D(real)) + E relu(1 + D(fake)),
+L_G = -E D(fake). DiffAugment (Zhao et al. 2020): color, translation 1/8, cutout 0.2, drawn separately
+for real and fake.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cmgen.errors import UserError
+
+DIFFAUG_POLICIES = ("color", "translation", "cutout")
+TRANSLATION_RATIO = 1 / 8
+CUTOUT_RATIO = 0.2
+
+
+# ----------------------------------------------------------------------------- DiffAugment
+
+def diff_augment(x: torch.Tensor, rng, policy: str) -> torch.Tensor:
+    """Differentiable augmentation with per-sample draws from `rng` (a BatchRNG)."""
+    for name in [p.strip() for p in policy.split(",") if p.strip()]:
+        x = {"color": _color, "translation": _translation, "cutout": _cutout}[name](x, rng)
+    return x
+
+
+def _u(rng, x):
+    return rng.rand(1, 1, 1).to(x.device, x.dtype)
+
+
+def _color(x, rng):
+    x = x + (_u(rng, x) - 0.5)                                           # brightness
+    mean = x.mean(dim=1, keepdim=True)
+    x = (x - mean) * (_u(rng, x) * 2) + mean                             # saturation
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * (_u(rng, x) + 0.5) + mean                        # contrast
+
+
+def _translation(x, rng):
+    b, _, h, w = x.shape
+    sh, sw = int(h * TRANSLATION_RATIO + 0.5), int(w * TRANSLATION_RATIO + 0.5)
+    dy = rng.randint(-sh, sh + 1).to(x.device)
+    dx = rng.randint(-sw, sw + 1).to(x.device)
+    ys = (torch.arange(h, device=x.device)[None, :] + dy[:, None] + 1).clamp(0, h + 1)   # into the padded image
+    xs = (torch.arange(w, device=x.device)[None, :] + dx[:, None] + 1).clamp(0, w + 1)
+    pad = F.pad(x, (1, 1, 1, 1))
+    idx_b = torch.arange(b, device=x.device)[:, None, None]
+    return pad.permute(0, 2, 3, 1)[idx_b, ys[:, :, None], xs[:, None, :]].permute(0, 3, 1, 2)
+
+
+def _cutout(x, rng):
+    b, _, h, w = x.shape
+    ch, cw = int(h * CUTOUT_RATIO + 0.5), int(w * CUTOUT_RATIO + 0.5)
+    cy = rng.randint(0, h + (1 - ch % 2)).to(x.device)
+    cx = rng.randint(0, w + (1 - cw % 2)).to(x.device)
+    ys = torch.arange(h, device=x.device)[None, :, None]
+    xs = torch.arange(w, device=x.device)[None, None, :]
+    y0, x0 = (cy - ch // 2)[:, None, None], (cx - cw // 2)[:, None, None]
+    inside = (ys >= y0) & (ys < y0 + ch) & (xs >= x0) & (xs < x0 + cw)
+    return x * (~inside)[:, None].to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- losses
+
+def hinge_d(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """sum over heads of E relu(1 - D(real)) + E relu(1 + D(fake)); logits [B, heads]."""
+    return (F.relu(1 - real_logits).mean(0) + F.relu(1 + fake_logits).mean(0)).sum()
+
+
+def hinge_g(fake_logits: torch.Tensor) -> torch.Tensor:
+    """-sum over heads of E D(fake)."""
+    return -fake_logits.mean(0).sum()
+
+
+def discriminator_loss(disc, real, fake, rng, policy: str) -> dict:
+    real_logits = disc(diff_augment(real.float(), rng, policy))
+    fake_logits = disc(diff_augment(fake.detach().float(), rng, policy))
+    loss = hinge_d(real_logits, fake_logits)
+    return {"loss": loss, "d_real": real_logits.detach().mean(), "d_fake": fake_logits.detach().mean()}
+
+
+def generator_loss(disc, fake, rng, policy: str) -> torch.Tensor:
+    return hinge_g(disc(diff_augment(fake.float(), rng, policy)))
+
+
+# ----------------------------------------------------------------------------- networks
+
+class Discriminator(nn.Module):
+    """Trainable heads (conv 3x3, LeakyReLU, conv 1x1 -> one logit map, averaged) on each feature map of
+    `features(x) -> list of [B, C_i, H_i, W_i]`; returns logits [B, heads]."""
+
+    def __init__(self, features: nn.Module, channels: list[int], width: int):
+        super().__init__()
+        self.features = features
+        self.heads = nn.ModuleList(nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.LeakyReLU(0.2),
+                                                 nn.Conv2d(width, 1, 1)) for c in channels)
+
+    def forward(self, x):
+        return torch.stack([h(f).flatten(1).mean(1) for h, f in zip(self.heads, self.features(x))], dim=1)
+
+
+class OwnFeatures(nn.Module):
+    """A small conv network trained with the heads: two scales (full and half resolution)."""
+
+    def __init__(self, channels: int, width: int):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.LeakyReLU(0.2))
+        self.b = nn.Sequential(nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.LeakyReLU(0.2))
+
+    def forward(self, x):
+        a = self.a(x)
+        return [a, self.b(a)]
+
+
+class DigitsFeatures(nn.Module):
+    """cmgen's digits classifier, frozen: its two conv activations."""
+
+    def __init__(self, weights):
+        super().__init__()
+        from cmgen.eval import digits_net as dn
+
+        net = dn.DigitsNet()
+        if weights:
+            from cmgen.checkpoint import load_tensors
+
+            net.load_state_dict(load_tensors(Path(weights)))
+        else:
+            net = dn.digits_net().cpu()
+        self.trunk = net.trunk.requires_grad_(False)
+
+    def forward(self, x):
+        a = self.trunk[1](self.trunk[0](x))
+        return [a, self.trunk[3](self.trunk[2](a))]
+
+
+class TimmFeatures(nn.Module):
+    def __init__(self, name: str, weights: str):
+        import timm
+
+        super().__init__()
+        self.net = timm.create_model(name, pretrained=True, features_only=True,
+                                     pretrained_cfg_overlay=dict(file=str(weights))).requires_grad_(False)
+        self.channels = list(self.net.feature_info.channels())
+
+    def forward(self, x):
+        x = F.interpolate(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x, size=224, mode="bilinear")
+        return self.net(x)
+
+
+def build_discriminator(cfg, shape) -> Discriminator:
+    kind, w = cfg.disc_features, cfg.disc_channels
+    if kind == "own":
+        return Discriminator(OwnFeatures(shape[0], w), [w, 2 * w], w)
+    if kind == "digits":
+        if tuple(shape) != (1, 8, 8):
+            raise UserError(f"method.disc_features=digits needs 1x8x8 digits, the data are {list(shape)}; use own")
+        return Discriminator(DigitsFeatures(cfg.disc_weights), [32, 64], w)
+    if kind.startswith("timm:"):
+        if not cfg.disc_weights or not Path(cfg.disc_weights).is_file():
+            raise UserError(f"method.disc_features={kind} needs its weights offline: set method.disc_weights to the "
+                            "backbone's weights file, or use method.disc_features=own")
+        try:
+            import timm  # noqa: F401
+        except ImportError:
+            raise UserError(f"method.disc_features={kind} needs the timm package (pip install timm), or use "
+                            "method.disc_features=own") from None
+        feats = TimmFeatures(kind[5:], cfg.disc_weights)
+        return Discriminator(feats, feats.channels, w)
+    raise UserError(f"recipe key 'method.disc_features' must be own, digits or timm:NAME, got '{kind}'")
