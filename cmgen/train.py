@@ -318,6 +318,10 @@ class Trainer:
         curve = save_curve(rows, "loss", self.out / "loss.png", title=f"{r.name}: training loss")
         if curve:
             out.append(curve)
+        for key in getattr(self.method, "curves", ()):  # a method's own logged terms worth a plot (rewards)
+            curve = save_curve(rows, key, self.out / f"{key}.png", logy=False, title=f"{r.name}: {key}")
+            if curve:
+                out.append(curve)
         return out
 
     def _log(self, row: dict) -> None:

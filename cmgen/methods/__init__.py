@@ -16,6 +16,8 @@ _MODULES = {
     "edm": "cmgen.methods.edm",
     "flow": "cmgen.methods.flow",
     "lct": "cmgen.methods.lct",
+    "awm": "cmgen.methods.awm",
+    "flowgrpo": "cmgen.methods.flowgrpo",
 }
 
 __all__ = ["Batch", "Dist", "Method", "Nets", "Part", "gate", "method_config_class", "method_name_of",
