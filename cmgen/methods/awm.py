@@ -112,8 +112,7 @@ class Method(RewardMethod):
         loss = (adv.float().repeat(T) * ell).mean()
         terms = {"fm_error": m.detach().mean()}
         if c.beta > 0:
-            with torch.no_grad():
-                v_ref = nets.reference(xt, t, y).float()
+            v_ref = self.reference_velocity(nets, xt, t, y).float()
             kl = (v - v_ref).pow(2).flatten(1).mean(1).mean()
             loss = loss + c.beta * kl
             terms["kl_ref"] = kl.detach()

@@ -74,8 +74,7 @@ class Method(RewardMethod):
             ratio = torch.exp(step_log_prob(xs[:, j + 1], mean, std) - old[:, j])
             loss_j = clipped_objective(adv.float(), ratio, self.cfg.clip_range).mean()
             if self.cfg.beta > 0:
-                with torch.no_grad():
-                    mean_ref, _ = self._step(nets.reference, xs[:, j], j, labels)
+                mean_ref, _ = self._step(lambda *a: self.reference_velocity(nets, *a), xs[:, j], j, labels)
                 kl = ((mean - mean_ref).pow(2).flatten(1).mean(1) / (2 * std**2)).mean()
                 loss_j = loss_j + self.cfg.beta * kl
                 kls.append(kl.detach())

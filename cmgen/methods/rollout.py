@@ -34,6 +34,8 @@ class RolloutConfig:
     global_std: bool = True         # normalise by the std of the whole gathered batch (else the group's)
     adv_clip: float = 5.0           # A clipped to +-adv_clip, then divided by it (A in [-1, 1])
     adv_eps: float = 1e-4           # added to the std
+    lora_rank: int = 0              # > 0: train a peft LoRA adapter of this rank on a model.arch sd3 transformer
+    lora_alpha: float = 0.0         # LoRA alpha (scale alpha / rank); 0 = the rank
 
     def problems(self):
         if self.group_size < 2:
@@ -42,6 +44,8 @@ class RolloutConfig:
             yield f"recipe key 'method.rollout_steps' must be at least 2, got {self.rollout_steps}"
         if self.adv_clip <= 0 or self.adv_eps < 0:
             yield "recipe keys 'method.adv_clip' must be > 0 and 'method.adv_eps' >= 0"
+        if self.lora_rank < 0 or self.lora_alpha < 0:
+            yield "recipe keys 'method.lora_rank' and 'method.lora_alpha' must be >= 0 (rank 0 = full fine-tuning)"
 
 
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, *, global_std: bool = True, eps: float = 1e-4,
@@ -90,8 +94,18 @@ class RewardMethod(BaseMethod):
                             f"method.group_size ({cfg.group_size})")
         if not gen.conditional:
             raise UserError("reward fine-tuning here draws groups per class label; set model.class_conditional: true")
-        self._load_base(cfg.base)
-        self.reference = copy.deepcopy(gen.net).requires_grad_(False).eval()
+        self.backbone = gen.net.backbone
+        if getattr(self.backbone, "loads_itself", False):
+            # a diffusers transformer: model.init_from is the base; with LoRA the reference is the adapter switched off
+            if cfg.lora_rank > 0:
+                self.reference = None
+            else:
+                self.reference = copy.deepcopy(gen.net).requires_grad_(False).eval()
+        else:
+            if cfg.lora_rank > 0:
+                raise UserError("recipe key 'method.lora_rank' applies to model.arch sd3; set it to 0 for this model")
+            self._load_base(cfg.base)
+            self.reference = copy.deepcopy(gen.net).requires_grad_(False).eval()
         from cmgen.rewards import REWARDS, canonical
         self.reward_name = canonical(cfg.reward, "recipe key 'method.reward'")
         self.reward_entry = REWARDS[self.reward_name]
@@ -123,7 +137,45 @@ class RewardMethod(BaseMethod):
                             "the base run's model section") from None
 
     def frozen(self) -> dict:
-        return {"reference": self.reference} if self.uses_reference() else {}
+        return {"reference": self.reference} if self.uses_reference() and self.reference is not None else {}
+
+    @torch.no_grad()
+    def reference_velocity(self, nets, x, t, labels) -> torch.Tensor:
+        """The base model's output: the frozen copy, or the trained network with its LoRA adapter disabled."""
+        if self.reference is not None:
+            return nets.reference(x, t, labels)
+        with self.backbone.adapters_disabled():
+            return nets.model(x, t, labels)
+
+    def condition(self, labels):
+        """What a conditioned reward scores against: the class labels, or the prompts they index."""
+        prompts = getattr(self.backbone, "prompts", None)
+        return labels if prompts is None else [prompts[i] for i in labels.tolist()]
+
+    @classmethod
+    def smoke_recipe(cls, recipe):
+        """--smoke of a model.arch sd3 recipe: a tiny seeded SD3 pipeline and prompts written locally, and an
+        offline reward in place of a weight-backed one."""
+        if recipe.model.arch != "sd3":
+            return recipe
+        from dataclasses import replace
+
+        from cmgen.eval.digits_net import cache_dir
+        from cmgen.models.sd3 import tiny_sd3_pipeline
+        from cmgen.rewards import REWARDS
+
+        folder = tiny_sd3_pipeline(cache_dir() / "tiny-sd3-v1" / "pipeline")
+        prompts = folder.parent / "prompts.txt"
+        prompts.write_text("a red apple\na blue car\na cat on a mat\na green tree\n")
+        m = recipe.method
+        offline = REWARDS[m.reward].factory.startswith("cmgen.rewards.weights") is False
+        changes = {"reward": m.reward if offline else "jpeg-compressibility", "group_size": 2, "rollout_steps": 4,
+                   "timesteps": 2, "t_first": 0, "t_last": 2, "lora_rank": min(m.lora_rank, 4), "lora_alpha": 8.0 if m.lora_rank else 0.0}
+        method = replace(m, **{k: v for k, v in changes.items() if hasattr(m, k)})
+        train = replace(recipe.train, batch_size=4, grad_accum=1)   # 2 prompts x 2 rollouts
+        return replace(recipe, method=method, model=replace(recipe.model, init_from=str(folder)), train=train,
+                       data=replace(recipe.data, path=str(prompts), channels=4, resolution=32),
+                       sample=replace(recipe.sample, steps=2), eval=replace(recipe.eval, steps=(2,), every=0))
 
     def uses_reference(self) -> bool:
         return self.cfg.beta > 0
@@ -153,7 +205,7 @@ class RewardMethod(BaseMethod):
             x0, extra = self.rollout(policy, keyed_noise(first.seed, step, self.gen.shape, o, n, b.x.device), labels)
             images = self.gen.codec.decode(x0.float())
             reward = self.reward(b.x.device)
-            r = reward(images, labels if reward.needs_condition else None).float().to(b.x.device)
+            r = reward(images, self.condition(labels) if reward.needs_condition else None).float().to(b.x.device)
             b.x, b.labels = x0.to(b.x.dtype), labels
             b.extra |= extra | {"reward": r}
             rewards.append(r)
