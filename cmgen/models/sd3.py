@@ -77,6 +77,8 @@ class SD3Backbone(nn.Module):
     def __init__(self, transformer, prompt_embeds: torch.Tensor, pooled: torch.Tensor, prompts: list[str]):
         super().__init__()
         self.transformer = transformer
+        for m in transformer.modules():   # fixed buffers (SD3.5's 384^2 positional table) come from the base, not checkpoints
+            m._non_persistent_buffers_set |= set(m._buffers)
         self.prompts = prompts
         self.register_buffer("prompt_embeds", prompt_embeds, persistent=False)   # rebuilt from the recipe
         self.register_buffer("pooled", pooled, persistent=False)
