@@ -162,15 +162,17 @@ class RewardMethod(BaseMethod):
 
         from cmgen.eval.digits_net import cache_dir
         from cmgen.models.sd3 import tiny_sd3_pipeline
-        from cmgen.rewards import REWARDS
+        from cmgen.rewards import REWARDS, canonical
 
         folder = tiny_sd3_pipeline(cache_dir() / "tiny-sd3-v1" / "pipeline")
         prompts = folder.parent / "prompts.txt"
         prompts.write_text("a red apple\na blue car\na cat on a mat\na green tree\n")
         m = recipe.method
-        offline = REWARDS[m.reward].factory.startswith("cmgen.rewards.weights") is False
+        entry = REWARDS[canonical(m.reward, "recipe key 'method.reward'")]
+        offline = not entry.factory.startswith("cmgen.rewards.weights")
         changes = {"reward": m.reward if offline else "jpeg-compressibility", "group_size": 2, "rollout_steps": 4,
-                   "timesteps": 2, "t_first": 0, "t_last": 2, "lora_rank": min(m.lora_rank, 4), "lora_alpha": 8.0 if m.lora_rank else 0.0}
+                   "timesteps": 2, "t_first": 0, "t_last": 2, "lora_rank": min(m.lora_rank, 4),
+                   "lora_alpha": 8.0 if m.lora_rank else 0.0}
         method = replace(m, **{k: v for k, v in changes.items() if hasattr(m, k)})
         train = replace(recipe.train, batch_size=4, grad_accum=1)   # 2 prompts x 2 rollouts
         return replace(recipe, method=method, model=replace(recipe.model, init_from=str(folder)), train=train,
