@@ -19,7 +19,7 @@ $(VENV)/.cmgen: pyproject.toml $(VENV)/.torch
 	touch $@
 
 $(VENV)/.cmgen-test: pyproject.toml $(VENV)/.cmgen
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,lora]'
 	touch $@
 
 install: $(VENV)/.cmgen

@@ -97,7 +97,7 @@ def _smoke(recipe_path: str, overrides: list[str]) -> int:
         took = time.time() - start
     ok = all(torch.isfinite(torch.tensor(losses)))
     print(f"cmgen: smoke test of '{recipe.name}': {n_params / 1e6:.1f}M parameters, data shape "
-          f"{list(trainer.data.shape)}, 2 steps at batch {recipe.train.batch_size} in {took:.1f}s, "
+          f"{list(trainer.data.shape)}, 2 steps at batch {trainer.recipe.train.batch_size} in {took:.1f}s, "
           f"losses {', '.join(f'{l:.4g}' for l in losses)} -> {'ok' if ok else 'NOT FINITE'}")
     return 0 if ok else 1
 

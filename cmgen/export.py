@@ -103,6 +103,9 @@ def export_model(source, out_dir, ema: bool = True) -> ExportResult:
     out = Path(out_dir)
     _check_target(out)
     lm = load_model(source, ema=ema)
+    if lm.recipe.model.arch == "sd3":  # a LoRA-tuned diffusers transformer: base pipeline + adapter
+        from cmgen.lora import export_lora
+        return export_lora(lm, out, ema)
     unet = _exportable_network(lm)
     pipe, grid = _build_pipeline(unet, lm)
     _make_parent(out)

@@ -26,7 +26,9 @@ def cmd_export(args) -> int:
           f"{result.pipeline_class} -> {result.folder}")
     if result.stock:
         print(f"  load:   DiffusionPipeline.from_pretrained('{result.folder}')")
-        if result.grid.mid_index is not None:
+        if (result.folder / "lora").is_dir():
+            print(f"  LoRA:   pipe.load_lora_weights('{result.folder / 'lora'}')")
+        if result.grid is not None and result.grid.mid_index is not None:
             print(f"  2-step: pipe(num_inference_steps=None, timesteps={result.grid.two_step_timesteps}, ...)  "
                   f"(grid of {result.grid.num_train_timesteps}, {'exact' if result.grid.exact else 'approximate'})")
     else:

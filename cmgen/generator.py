@@ -36,7 +36,9 @@ def parameterisation_of(recipe) -> str:
 
 def null_label(recipe, num_classes: int) -> Optional[int]:
     """The label index that means 'no class' (classifier-free guidance), when the method drops labels."""
-    if recipe.model.class_conditional and num_classes and getattr(recipe.method, "label_dropout", 0.0) > 0:
+    cfg = recipe.method  # a fine-tuning method keeps its base model's null label (`null_label: true`)
+    if recipe.model.class_conditional and num_classes and (getattr(cfg, "label_dropout", 0.0) > 0
+                                                           or getattr(cfg, "null_label", False)):
         return num_classes
     return None
 

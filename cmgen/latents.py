@@ -227,6 +227,9 @@ def codec_for(recipe, smoke: bool = False) -> LatentCodec:
     from cmgen.data import shape_of
     from cmgen.pretrained import load_vae
 
+    if recipe.model.arch == "sd3":  # the pipeline's own VAE
+        from cmgen.models.sd3 import sd3_codec
+        return sd3_codec(recipe)
     path = recipe.data.path
     if smoke and not (path and (Path(path) / META).is_file()):
         shape, _, _ = shape_of(recipe.data)

@@ -115,6 +115,8 @@ def read_pipeline_parts(path) -> tuple[dict, object, dict]:
 
 def load_init_weights(model: ConsistencyDenoiser, init_from: str) -> None:
     """Load `model.init_from` (pipeline folder, UNet folder or cached hub id) into `model`'s UNet."""
+    if getattr(model.backbone, "loads_itself", False):  # an SD3 backbone read init_from when it was built
+        return
     unet = getattr(model.backbone, "unet", None)
     if unet is None:
         raise UserError("recipe key 'model.init_from' needs model.arch=unet; remove it for other architectures")

@@ -357,10 +357,10 @@ def validate(r: Recipe) -> None:
     need(r.optim.name in ("adam", "adamw", "radam"),
          f"recipe key 'optim.name' must be adam, adamw or radam, got '{r.optim.name}'")
     need(r.optim.lr > 0, f"recipe key 'optim.lr' must be positive, got {r.optim.lr}")
-    need(r.data.name in ("digits", "toy2d", "folder", "cifar10", "random", "latents"),
-         f"recipe key 'data.name' must be digits, toy2d, folder, cifar10, random or latents, got '{r.data.name}'")
+    need(r.data.name in ("digits", "toy2d", "folder", "cifar10", "random", "latents", "prompts"),
+         f"recipe key 'data.name' must be digits, toy2d, folder, cifar10, random, latents or prompts, got '{r.data.name}'")
     need(r.data.toy in ("ring", "moons"), f"recipe key 'data.toy' must be ring or moons, got '{r.data.toy}'")
-    need(r.model.arch in ("unet", "mlp"), f"recipe key 'model.arch' must be unet or mlp, got '{r.model.arch}'")
+    need(r.model.arch in ("unet", "mlp", "sd3"), f"recipe key 'model.arch' must be unet, mlp or sd3, got '{r.model.arch}'")
     need(r.model.norm in ("group", "nsln"), f"recipe key 'model.norm' must be group or nsln, got '{r.model.norm}'")
     need(0.0 <= r.model.dropout < 1.0, "recipe key 'model.dropout' must be in [0, 1)")
     from cmgen.eval.features import FEATURE_CHOICES

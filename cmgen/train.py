@@ -110,6 +110,9 @@ class Trainer:
         resume_ckpt = state_io.find_resume(self.out, resume)
         if resume_ckpt is not None:
             recipe = state_io.check_resume_recipe(recipe, resume_ckpt)
+        if smoke:  # a method may swap stand-ins into its recipe (a tiny pipeline for a hub model)
+            from cmgen.methods import method_class
+            recipe = getattr(method_class(recipe), "smoke_recipe", lambda rec: rec)(recipe)
         self.recipe = r = resolve_recipe(recipe)
         t = r.train
 
@@ -349,6 +352,10 @@ class Trainer:
         curve = save_curve(rows, "loss", self.out / "loss.png", title=f"{r.name}: training loss")
         if curve:
             out.append(curve)
+        for key in getattr(self.method, "curves", ()):  # a method's own logged terms worth a plot (rewards)
+            curve = save_curve(rows, key, self.out / f"{key}.png", logy=False, title=f"{r.name}: {key}")
+            if curve:
+                out.append(curve)
         return out
 
     def _log(self, row: dict) -> None:

@@ -417,8 +417,9 @@ def add_parser(subparsers) -> None:
 
     w = sub.add_parser("reward", help="a reward's mean and 95%% interval; with --base, how far the distribution moved")
     w.add_argument("target", metavar="RUN_OR_SAMPLES", help=target_help)
-    w.add_argument("--reward", required=True, help="jpeg-compressibility, jpeg-incompressibility, brightness, "
-                   "digit-class or aesthetic")
+    w.add_argument("--reward", required=True, help="a reward of cmgen.rewards: jpeg-compressibility, "
+                   "jpeg-incompressibility, brightness, digit-class, aesthetic (pickscore, hpsv2.1, imagereward and "
+                   "clipscore score prompts and serve training)")
     w.add_argument("--target-class", type=int, default=None, help="digit-class: the class whose probability is the "
                    "reward (default: the top-class probability)")
     w.add_argument("--aesthetic", metavar="PATH", default=None, help="aesthetic: LAION predictor weights "

@@ -256,6 +256,9 @@ def _cache_setting(cfg) -> Optional[str]:
 
 def load_dataset(cfg, seed: int = 0) -> tuple[Dataset, Optional[Dataset]]:
     """(train, held-out) for a recipe's data section."""
+    if cfg.name == "prompts":  # prompt i is label i (text-to-image reward fine-tuning)
+        from cmgen.models.sd3 import prompts_dataset
+        return prompts_dataset(cfg), None
     if cfg.name == "digits":
         ds = load_digits()
     elif cfg.name == "toy2d":
@@ -292,6 +295,9 @@ def shape_of(cfg) -> tuple[tuple[int, ...], int, str]:
     """(shape, num_classes, kind) a recipe's data will have, without loading it (for --smoke)."""
     if cfg.name == "digits":
         return (1, 8, 8), 10, "image"
+    if cfg.name == "prompts":
+        from cmgen.models.sd3 import prompts_shape
+        return prompts_shape(cfg)
     if cfg.name == "toy2d":
         return (2,), (8 if cfg.toy == "ring" else 2), "points"
     if cfg.name == "cifar10":

@@ -17,6 +17,8 @@ _MODULES = {
     "flow": "cmgen.methods.flow",
     "lct": "cmgen.methods.lct",
     "ctm": "cmgen.methods.ctm",
+    "awm": "cmgen.methods.awm",
+    "flowgrpo": "cmgen.methods.flowgrpo",
 }
 
 __all__ = ["Batch", "Dist", "Method", "Nets", "Part", "gate", "method_config_class", "method_name_of",

@@ -6,6 +6,9 @@ from __future__ import annotations
 def build_backbone(recipe, shape: tuple[int, ...], num_classes: int):
     """The bare network F for data of `shape` (C, H, W) or (D,); `num_classes` class embeddings."""
     m = recipe.model
+    if m.arch == "sd3":  # a diffusers SD3 transformer from model.init_from, prompts as labels (LoRA optional)
+        from cmgen.models.sd3 import build_sd3_backbone
+        return build_sd3_backbone(recipe)
     if m.arch == "mlp":
         from cmgen.models.mlp import MLPBackbone
 

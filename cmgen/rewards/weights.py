@@ -1,0 +1,203 @@
+"""Weight-backed rewards: LAION aesthetic, PickScore, HPSv2.1, ImageReward, CLIPScore.
+
+cmgen never downloads: each reads its weights from a path given as an option or an environment
+variable and, without them, raises one sentence naming what to download and where to point it.
+Prompted rewards take `cond` as a list of prompts, one per image.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from cmgen.errors import UserError
+from cmgen.rewards import Reward
+
+AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"
+AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+                 "sac+logos+ava1-l14-linearMSE.pth")
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def weights_path(explicit: Optional[str], env: str, what: str, source: str, option: str) -> Path:
+    """An existing file or folder from `explicit` or $env, else one clear sentence."""
+    given = explicit or os.environ.get(env)
+    if given and Path(given).expanduser().exists():
+        return Path(given).expanduser()
+    where = f"'{given}' does not exist; " if given else ""
+    raise UserError(f"reward {what} needs its weights ({where}download {source} and pass it with {option} PATH "
+                    f"or {env}=PATH)")
+
+
+def clip_input(x: torch.Tensor, size: int = 224) -> torch.Tensor:
+    """[-1, 1] NCHW -> CLIP's normalised 224x224 input, differentiably (bicubic resize, centre crop)."""
+    import torch.nn.functional as F
+
+    x = (x.float().clamp(-1, 1) + 1) / 2
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    h, w = x.shape[2:]
+    s = size / min(h, w)
+    x = F.interpolate(x, size=(max(size, round(h * s)), max(size, round(w * s))), mode="bicubic",
+                      align_corners=False, antialias=True)
+    top, left = (x.shape[2] - size) // 2, (x.shape[3] - size) // 2
+    x = x[:, :, top:top + size, left:left + size]
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _prompts(cond, n: int, what: str) -> list[str]:
+    if cond is None or isinstance(cond, torch.Tensor) or len(cond) != n:
+        raise UserError(f"reward {what} scores images against prompts; give one prompt per image (a text model)")
+    return [str(p) for p in cond]
+
+
+# ----------------------------------------------------------------------------- aesthetic
+
+def linear_stack_from_state(state: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """LAION's predictor is Linear/Dropout layers with no activation: keep the (weight, bias) pairs in order."""
+    pairs = []
+    prefixes = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".weight")},
+                      key=lambda p: [int(t) if t.isdigit() else t for t in p.split(".")])
+    for prefix in prefixes:
+        w, b = state[f"{prefix}.weight"], state.get(f"{prefix}.bias")
+        if w.ndim != 2:
+            raise ValueError(f"'{prefix}.weight' is not a linear layer")
+        pairs.append((w.double(), None if b is None else b.double()))
+    if not pairs:
+        raise ValueError("no linear layers found")
+    return pairs
+
+
+def load_aesthetic_head(explicit: Optional[str]) -> tuple[list, Path]:
+    from cmgen.eval.features import CLIP_L14_URL
+
+    given = explicit or os.environ.get("CMGEN_AESTHETIC")
+    if not given or not Path(given).expanduser().is_file():
+        where = f"'{given}' is not a file; " if given else ""
+        raise UserError(f"--reward aesthetic needs the predictor weights ({where}download {AESTHETIC_URL} and pass "
+                        "it with --aesthetic PATH or CMGEN_AESTHETIC=PATH, plus CLIP ViT-L/14 from "
+                        f"{CLIP_L14_URL} with --clip PATH)")
+    path = Path(given).expanduser()
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        return linear_stack_from_state(state), path
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise UserError(f"--aesthetic '{path}' is not a state dict of linear layers ({exc.__class__.__name__}); "
+                        f"download {AESTHETIC_URL}") from None
+
+
+def aesthetic(aesthetic: Optional[str] = None, clip: Optional[str] = None, device="cpu") -> Reward:
+    import numpy as np
+
+    from cmgen.eval.features import clip_preprocess, load_clip
+    from cmgen.plots import to_uint8
+
+    head, head_path = load_aesthetic_head(aesthetic)
+    model, clip_file = load_clip(clip, device)
+
+    @torch.no_grad()
+    def score(x: torch.Tensor, cond=None) -> torch.Tensor:
+        images = to_uint8(x) if x.dtype != torch.uint8 else np.asarray(x)
+        emb = model.encode_image(clip_preprocess(images).to(device)).double().cpu()
+        e = emb / emb.norm(dim=-1, keepdim=True)  # the predictor was trained on unit-norm CLIP embeddings
+        if e.shape[1] != head[0][0].shape[1]:
+            raise UserError(f"--clip gives {e.shape[1]}-d embeddings but --aesthetic expects "
+                            f"{head[0][0].shape[1]}-d (CLIP ViT-L/14); pass matching files")
+        for w, b in head:
+            e = e @ w.T + (0 if b is None else b)
+        return e[:, 0]
+
+    return Reward("aesthetic", score, "LAION aesthetic predictor on CLIP image embeddings",
+                  details={"aesthetic_weights": str(head_path), "clip_weights": str(clip_file)})
+
+
+# ----------------------------------------------------------------------------- CLIP-family, prompted
+
+def _hf_clip(path: Path, what: str, device):
+    try:
+        from transformers import AutoTokenizer, CLIPModel
+    except ImportError:
+        raise UserError(f"reward {what} needs the 'transformers' package; pip install 'cmgen[lora]'") from None
+    model = CLIPModel.from_pretrained(str(path)).to(device).eval().requires_grad_(False)
+    return model, AutoTokenizer.from_pretrained(str(path))
+
+
+def _clip_similarity(model, tokenizer, x, prompts, device) -> torch.Tensor:
+    """Cosine similarity of image and text embeddings (HF CLIPModel), per pair."""
+    tokens = tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt").to(device)
+    img = model.get_image_features(pixel_values=clip_input(x).to(device))
+    txt = model.get_text_features(**tokens)
+    return torch.nn.functional.cosine_similarity(img, txt, dim=-1)
+
+
+def pickscore(pickscore: Optional[str] = None, device="cpu") -> Reward:
+    """PickScore (Kirstain et al. 2023): logit_scale * cos(image, prompt), divided by 26 as flow_grpo does."""
+    path = weights_path(pickscore, "CMGEN_PICKSCORE", "pickscore", "yuvalkirstain/PickScore_v1 (a CLIP model folder)",
+                        "--pickscore")
+    model, tok = _hf_clip(path, "pickscore", device)
+
+    def score(x, cond=None):
+        sim = _clip_similarity(model, tok, x, _prompts(cond, len(x), "pickscore"), device)
+        return model.logit_scale.exp() * sim / 26.0
+
+    return Reward("pickscore", score, "PickScore logit / 26", details={"weights": str(path)})
+
+
+def clipscore(clipscore: Optional[str] = None, device="cpu") -> Reward:
+    """CLIPScore (Hessel et al. 2021) as torchmetrics reports it: 100 max(cos, 0)."""
+    path = weights_path(clipscore, "CMGEN_CLIPSCORE", "clipscore", "openai/clip-vit-large-patch14 (a CLIP model folder)",
+                        "--clipscore")
+    model, tok = _hf_clip(path, "clipscore", device)
+
+    def score(x, cond=None):
+        return 100 * _clip_similarity(model, tok, x, _prompts(cond, len(x), "clipscore"), device).clamp(min=0)
+
+    return Reward("clipscore", score, "CLIPScore 100 max(cos, 0)", details={"weights": str(path)})
+
+
+def hpsv21(hpsv21: Optional[str] = None, device="cpu") -> Reward:
+    """HPSv2.1 (Wu et al. 2023): an OpenCLIP ViT-H-14 fine-tuned on human preferences, cos(image, prompt)."""
+    path = weights_path(hpsv21, "CMGEN_HPSV21", "hpsv2.1", "HPS_v2.1_compressed.pt from xswu/HPSv2", "--hpsv21")
+    try:
+        import open_clip
+    except ImportError:
+        raise UserError("reward hpsv2.1 needs the 'open_clip' package; pip install open-clip-torch") from None
+    model, _, _ = open_clip.create_model_and_transforms("ViT-H-14", pretrained=None, device=device)
+    state = torch.load(str(path), map_location="cpu", weights_only=False)
+    model.load_state_dict(state.get("state_dict", state))
+    model.eval().requires_grad_(False)
+    tokenizer = open_clip.get_tokenizer("ViT-H-14")
+
+    def score(x, cond=None):
+        img = model.encode_image(clip_input(x).to(device), normalize=True)
+        txt = model.encode_text(tokenizer(_prompts(cond, len(x), "hpsv2.1")).to(device), normalize=True)
+        return (img * txt).sum(-1)
+
+    return Reward("hpsv2.1", score, "HPSv2.1 cos(image, prompt)", details={"weights": str(path)})
+
+
+def imagereward(imagereward: Optional[str] = None, device="cpu") -> Reward:
+    """ImageReward (Xu et al. 2023) through its own package's loader."""
+    path = weights_path(imagereward, "CMGEN_IMAGEREWARD", "imagereward", "ImageReward.pt from THUDM/ImageReward "
+                        "(with med_config.json beside it)", "--imagereward")
+    try:
+        import ImageReward as RM
+    except ImportError:
+        raise UserError("reward imagereward needs the 'image-reward' package; pip install image-reward") from None
+    model = RM.load(str(path), device=device, med_config=str(path.parent / "med_config.json")).eval()
+
+    def score(x, cond=None):
+        prompts = _prompts(cond, len(x), "imagereward")
+        ids = model.blip.tokenizer(prompts, padding="max_length", truncation=True, max_length=35,
+                                   return_tensors="pt").to(device)
+        return model.score_gard(ids.input_ids, ids.attention_mask, clip_input(x).to(device))[:, 0]
+
+    return Reward("imagereward", score, "ImageReward score", details={"weights": str(path)})
