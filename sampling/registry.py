@@ -72,6 +72,33 @@ def _run_flow_sde(net, noise, times, labels, gen, opt):
     return flow_sde(net, noise, times, class_labels=labels, a=opt.get("sde_a", gen.recipe.sample.sde_a))
 
 
+def _ddim_times(recipe, steps):
+    from cmgen.vp import ddim_timesteps
+
+    return ddim_timesteps(steps, recipe.method.num_train_timesteps)
+
+
+def _run_ddim(net, noise, times, labels, gen, opt):
+    from cmgen.sampling.ddim import ddim
+
+    return ddim(net, noise, [int(t) for t in times], gen.net.alphas_cumprod, gen.net.prediction_type,
+                class_labels=labels)
+
+
+def _lcm_times(recipe, steps):
+    from cmgen.vp import lcm_timesteps
+
+    return lcm_timesteps(steps, recipe.method.original_steps, recipe.method.num_train_timesteps)
+
+
+def _run_lcm(net, noise, times, labels, gen, opt):
+    from cmgen.sampling.lcm import lcm_multistep
+
+    guidance = opt.get("guidance", 1.0)  # --cfg; 1 (the CLI default) means the run's method.guidance
+    w = (guidance if guidance != 1.0 else gen.recipe.method.guidance) - 1.0
+    return lcm_multistep(net, noise, [int(t) for t in times], gen.net.alphas_cumprod, w=w, class_labels=labels)
+
+
 def _heun_nfe(times):
     from cmgen.sampling.edm import heun_nfe
 
@@ -89,8 +116,12 @@ SAMPLERS: dict[str, dict[str, Sampler]] = {
                               "Euler ODE, N evaluations"),
              "sde": Sampler("sde", _flow_times, lambda t: len(t) - 1, _run_flow_sde,
                             "SDE with the ODE's marginals (Flow-GRPO), N evaluations")},
+    "ldm": {"ddim": Sampler("ddim", _ddim_times, len, _run_ddim,
+                            "DDIM (eta 0) on SD's leading timesteps, N evaluations")},
+    "lcm": {"lcm": Sampler("lcm", _lcm_times, len, _run_lcm,
+                           "LCM multistep on LCMScheduler's timesteps, N evaluations")},
 }
-DEFAULT_SAMPLER = {"cm": "multistep", "edm": "heun", "flow": "euler"}
+DEFAULT_SAMPLER = {"cm": "multistep", "edm": "heun", "flow": "euler", "ldm": "ddim", "lcm": "lcm"}
 
 
 def get_sampler(parameterisation: str, name=None) -> Sampler:

@@ -16,6 +16,8 @@ _MODULES = {
     "edm": "cmgen.methods.edm",
     "flow": "cmgen.methods.flow",
     "lct": "cmgen.methods.lct",
+    "ldm": "cmgen.methods.ldm",
+    "lcd": "cmgen.methods.lcd",
 }
 
 __all__ = ["Batch", "Dist", "Method", "Nets", "Part", "gate", "method_config_class", "method_name_of",
