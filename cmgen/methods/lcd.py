@@ -268,6 +268,9 @@ def load_teacher(cfg: Config, gen):
     if not is_pipeline(cfg.teacher):
         from cmgen.runs import load_model
 
+        if not Path(cfg.teacher).exists():
+            raise UserError(f"recipe key 'method.teacher' ('{cfg.teacher}') does not exist; train the teacher first "
+                            "(cmgen train ldm_digits) or pass its run folder")
         tg = load_model(cfg.teacher)
         if tg.parameterisation != "ldm":
             raise UserError(f"recipe key 'method.teacher' ('{cfg.teacher}') is a {tg.parameterisation} run; "
