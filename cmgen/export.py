@@ -103,6 +103,10 @@ def export_model(source, out_dir, ema: bool = True) -> ExportResult:
     out = Path(out_dir)
     _check_target(out)
     lm = load_model(source, ema=ema)
+    if lm.parameterisation == "lcm":  # LCD students: stock LatentConsistencyModelPipeline or CMGenLCMPipeline
+        from cmgen.export_lcm import export_lcm
+
+        return ExportResult(out, export_lcm(lm, out, ema), False, None)
     unet = _exportable_network(lm)
     pipe, grid = _build_pipeline(unet, lm)
     _make_parent(out)
