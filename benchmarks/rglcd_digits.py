@@ -61,6 +61,46 @@ def reference_stats():
     return s
 
 
+@torch.no_grad()
+def lrm_agreement(run: str) -> dict:
+    """The trained LRM against the expert on held-out triplets: each held-out real latent (never trained on) with a
+    fresh 1-step and 2-step sample of its class (seeds unused in training); the fraction of the 3 pairs per
+    triplet (ties excluded) that the LRM orders as the expert does."""
+    from cmgen.checkpoint import load_tensors
+    from cmgen.data import load_dataset
+    from cmgen.methods.lcd import Method
+    from cmgen.pretrained import load_weights
+    from cmgen.rewards.differentiable import build_reward
+    from cmgen.rewards.lrm import PAIRS, build_lrm
+    from cmgen.runs import load_model, resolve_checkpoint
+    from cmgen.sampling import per_image_noise
+
+    gen = load_model(run)
+    m = gen.recipe.method
+    lrm = build_lrm(gen.shape, gen.num_classes, m.lrm_width)
+    load_weights(lrm, load_tensors(resolve_checkpoint(run) / "lrm.safetensors"), run)
+    _, hold = load_dataset(gen.recipe.data, gen.recipe.train.seed)
+    if hold is None:
+        raise SystemExit(f"{run}: the LRM agreement needs held-out data (data.holdout > 0 in its recipe)")
+    real, y = hold.x.float(), hold.labels
+    n = len(real)
+    seeds = (10**6 + torch.arange(2 * n)).tolist()
+    run_s = lambda steps, sd: gen.sampler().run(gen.net, per_image_noise(sd, gen.shape), gen.times(steps), y,  # noqa
+                                                gen, {})
+    trip = [run_s(1, seeds[:n]), run_s(2, seeds[n:]), real]
+    expert_fn = build_reward(m.reward, differentiable=False)
+    decode = lambda z: gen.codec.decode(z)  # noqa: E731
+    e = torch.stack([expert_fn(decode(z), y) for z in trip], 1)
+    r = torch.stack([lrm(z, y) for z in trip], 1)
+    agree, total = 0, 0
+    for a, b in PAIRS:
+        de, dr = e[:, a] - e[:, b], r[:, a] - r[:, b]
+        keep = de != 0
+        agree += int(((de * dr) > 0)[keep].sum())
+        total += int(keep.sum())
+    return {"lrm_agreement": agree / max(1, total), "lrm_pairs": total}
+
+
 def ci95(d: np.ndarray) -> tuple[float, float, float]:
     m, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
     return m, m - 1.96 * se, m + 1.96 * se
@@ -102,6 +142,8 @@ def main(argv=None) -> int:
             r = rewards(x, y)
             row = {"run": label, "steps": steps, **{k: float(v.mean()) for k, v in r.items()},
                    "fd_digits": fd_digits(x, ref)}
+            if m.reward_mode == "lrm" and steps == a.steps[0]:
+                row |= lrm_agreement(run)
             if run == a.lcd:
                 base[steps] = r
             else:
@@ -111,13 +153,14 @@ def main(argv=None) -> int:
             save_grid(x[:100], out / f"{Path(run).name}_{steps}step.png")
             print(json.dumps(row))
     (out / "table.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| run | steps | digit-class | JPEG -kB | ink | FD-digits | digit-class gain (95% CI) | JPEG gain (95% CI) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | steps | digit-class | JPEG -kB | ink | FD-digits | digit-class gain (95% CI) | JPEG gain (95% CI) "
+             "| LRM agreement |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         g = lambda k: ("{:+.4f} [{:+.4f}, {:+.4f}]".format(*r[k]) if k in r else "")  # noqa: E731
         lines.append(f"| {r['run']} | {r['steps']} | {r['digit_class']:.4f} | {r['jpeg_compressibility']:.4f} | "
                      f"{r['ink']:.4f} | {r['fd_digits']:.3f} | {g('digit_class_gain_ci95')} | "
-                     f"{g('jpeg_compressibility_gain_ci95')} |")
+                     f"{g('jpeg_compressibility_gain_ci95')} | "
+                     f"{'{:.3f} of {}'.format(r['lrm_agreement'], r['lrm_pairs']) if 'lrm_agreement' in r else ''} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
