@@ -20,6 +20,7 @@ With reward_scale = 0 no reward is computed: the student's updates are plain LCD
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -56,6 +57,7 @@ class Config:
     expert_scale: float = 1.0       # expert reward -> pair logit scale
     lrm_warmup_steps: int = 0       # model steps before the LRM reward enters the student's loss (stand-in
                                     # for RG-LCD's pretrained latent CLIP, which has no public weights)
+    prompts: tuple[str, ...] = ()   # text teachers: class label k of the latent cache means prompt k
 
     def problems(self):
         if not self.teacher:
@@ -76,6 +78,9 @@ class Config:
             yield f"recipe key 'method.lrm_loss' must be kl or ce, got '{self.lrm_loss}'"
         if self.reward_scale < 0:
             yield "recipe key 'method.reward_scale' must be at least 0"
+        if self.teacher and is_pipeline(self.teacher) and not self.prompts:
+            yield ("recipe key 'method.prompts' must list the prompts (class label k -> prompt k) for a Stable "
+                   "Diffusion teacher")
 
     @property
     def schedule(self) -> VPSchedule:
@@ -190,6 +195,26 @@ class Method(BaseMethod):
         return ("model", "lrm") if self.lrm is not None else ("model",)
 
     # ------------------------------------------------------------------ the losses
+    @torch.no_grad()
+    def collect(self, batches, nets, step, dist):
+        """Text teachers: each class label becomes its prompt's text-encoder embeddings (and the prompt, for
+        the rewards)."""
+        if not self.cfg.prompts or self.null_cond is None or not self.null_cond.is_floating_point():
+            return batches
+        from cmgen.sd import encode_prompts
+
+        folder = pipeline_folder(self.cfg.teacher)
+        out = []
+        for b in batches:
+            idx = b.labels.long().cpu() % len(self.cfg.prompts)
+            prompts = [self.cfg.prompts[i] for i in idx.tolist()]
+            b.extra["prompts"] = prompts
+            out.append(dataclasses.replace(b, labels=encode_prompts(folder, prompts).to(b.x.device)))
+        return out
+
+    def reward_cond(self, batch):
+        return batch.extra.get("prompts", batch.labels)
+
     def null(self, cond):
         if cond is None:
             return None
@@ -234,7 +259,7 @@ class Method(BaseMethod):
             batch.extra["triplet"] = (pred.detach(), target)  # the LRM's step after this one
         if cfg.reward_mode != "none" and cfg.reward_scale > 0:
             if cfg.reward_mode == "direct":
-                r = self.reward_fn(self.decode(pred), batch.labels)
+                r = self.reward_fn(self.decode(pred), self.reward_cond(batch))
                 loss = loss - cfg.reward_scale * r.mean()
             elif gate(step, cfg.lrm_warmup_steps):
                 r = nets.lrm(pred, batch.labels)
@@ -253,7 +278,8 @@ class Method(BaseMethod):
         real, cond = batch.x.float(), batch.labels
         latents = [student, target, real]
         with torch.no_grad():
-            expert = torch.stack([self.expert(self.decode(z), cond).float() for z in latents], 1) * self.cfg.expert_scale
+            expert = torch.stack([self.expert(self.decode(z), self.reward_cond(batch)).float() for z in latents], 1)
+            expert = expert * self.cfg.expert_scale
         lrm = torch.stack([nets.lrm(z, cond) for z in latents], 1)
         if self.cfg.lrm_loss == "kl":
             loss, agree = pairwise_kl(expert, lrm)
