@@ -268,3 +268,37 @@ def test_exported_class_conditional_pipeline_equals_cmgen_sample(lcd_run, tmp_pa
     other = pipe(batch_size=5, num_inference_steps=steps, guidance_scale=1.0,
                  generator=[torch.Generator().manual_seed(s) for s in range(5)], output_type="pt").images
     assert not torch.allclose(other, got, atol=1e-3)   # guidance enters through the w-embedding
+
+
+def test_lrm_is_trained_on_the_student_target_real_triplet_scored_by_the_expert(cache, teacher, tmp_path, monkeypatch):
+    tr = trainer(cache, teacher, tmp_path, reward_mode="lrm", reward="jpeg-compressibility", expert_scale=3.0)
+    m = tr.method
+    batch = tr._batch(0)
+    m.loss(tr.nets, batch, 0)
+    student, target = batch.extra["triplet"]
+    seen = []
+    monkeypatch.setattr(m, "expert", lambda images, cond: seen.append(images) or images.flatten(1).mean(1))
+    batch.phase = "lrm"
+    out = m.lrm_loss(tr.nets, batch)
+    for z, images in zip((student, target, batch.x), seen):
+        assert torch.allclose(images, m.decode(z), atol=1e-6)
+    from cmgen.rewards.lrm import pairwise_kl
+
+    expert = torch.stack([m.decode(z).flatten(1).mean(1) for z in (student, target, batch.x)], 1) * 3.0
+    lrm = torch.stack([tr.nets.lrm(z, batch.labels) for z in (student, target, batch.x)], 1)
+    assert out["loss"].item() == pytest.approx(pairwise_kl(expert, lrm)[0].item(), rel=1e-5)
+
+
+def test_sample_guidance_is_the_w_embedding_of_cfg_minus_one(lcd_run):
+    from cmgen.runs import load_model
+    from cmgen.sampling import per_image_noise
+    from cmgen.sampling.lcm import lcm_multistep
+    from cmgen.vp import lcm_timesteps
+
+    gen = load_model(lcd_run)
+    labels = torch.tensor([0, 5])
+    for cfg, w in ((3.0, 2.0), (1.0, gen.recipe.method.guidance - 1)):   # --cfg 1 (the default): method.guidance
+        noise = per_image_noise([7, 8], gen.shape)
+        want = gen.codec.decode(lcm_multistep(gen.net, per_image_noise([7, 8], gen.shape), lcm_timesteps(2),
+                                              gen.net.alphas_cumprod, w=w, class_labels=labels))
+        assert torch.allclose(gen.sample(noise, gen.times(2), labels=labels, guidance=cfg), want, atol=1e-6)
