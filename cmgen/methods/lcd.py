@@ -78,9 +78,6 @@ class Config:
             yield f"recipe key 'method.lrm_loss' must be kl or ce, got '{self.lrm_loss}'"
         if self.reward_scale < 0:
             yield "recipe key 'method.reward_scale' must be at least 0"
-        if self.teacher and is_pipeline(self.teacher) and not self.prompts:
-            yield ("recipe key 'method.prompts' must list the prompts (class label k -> prompt k) for a Stable "
-                   "Diffusion teacher")
 
     @property
     def schedule(self) -> VPSchedule:
@@ -107,10 +104,17 @@ def guided_solver_step(teacher, z, t_s, cond, null, w, n, grid, alphas_cumprod) 
 
 def is_pipeline(source: str) -> bool:
     """A diffusers pipeline folder or a hub id (not an existing run folder)."""
-    from cmgen.pretrained import HUB_ID
+    from cmgen.pretrained import HUB_ID, resolve_init_source
 
     p = Path(source)
-    return (p / "model_index.json").is_file() or (not p.exists() and bool(HUB_ID.match(source)))
+    if (p / "model_index.json").is_file():
+        return True
+    if p.exists() or not HUB_ID.match(source):
+        return False
+    try:  # a hub id only when cached: a run folder not trained yet reads like one
+        return (resolve_init_source(source) / "model_index.json").is_file()
+    except UserError:
+        return False
 
 
 def pipeline_folder(source: str) -> Path:
@@ -148,6 +152,9 @@ class Method(BaseMethod):
     def __init__(self, cfg: Config, recipe, gen):
         super().__init__(cfg, recipe, gen)
         self.teacher, self.null_cond = load_teacher(cfg, gen)
+        if self.null_cond is not None and self.null_cond.is_floating_point() and not cfg.prompts:
+            raise UserError("recipe key 'method.prompts' must list the prompts (class label k -> prompt k) for a "
+                            "Stable Diffusion teacher")
         self._check_teacher()
         unet = gen.net.backbone.unet
         missing = unet.load_state_dict(self.teacher.backbone.unet.state_dict(), strict=False).missing_keys
@@ -295,8 +302,12 @@ def load_teacher(cfg: Config, gen):
         from cmgen.runs import load_model
 
         if not Path(cfg.teacher).exists():
-            raise UserError(f"recipe key 'method.teacher' ('{cfg.teacher}') does not exist; train the teacher first "
-                            "(cmgen train ldm_digits) or pass its run folder")
+            from cmgen.pretrained import HUB_ID
+
+            hint = (f"it is no cached hub id either: run `hf download {cfg.teacher}` once while online, or pass a "
+                    "pipeline folder" if HUB_ID.match(cfg.teacher) and "runs/" not in cfg.teacher
+                    else "train the teacher first (cmgen train ldm_digits) or pass its run folder")
+            raise UserError(f"recipe key 'method.teacher' ('{cfg.teacher}') does not exist; {hint}")
         tg = load_model(cfg.teacher)
         if tg.parameterisation != "ldm":
             raise UserError(f"recipe key 'method.teacher' ('{cfg.teacher}') is a {tg.parameterisation} run; "
