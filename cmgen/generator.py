@@ -127,7 +127,8 @@ class Generator:
 
     def nfe(self, times: Sequence[float], sampler: Optional[str] = None, guidance: float = 1.0) -> int:
         """Network evaluations per sample (guidance runs the conditional and unconditional halves)."""
-        return self.sampler(sampler).nfe(list(times)) * (2 if guidance != 1.0 else 1)
+        doubled = guidance != 1.0 and not getattr(self.net, "embeds_guidance", False)
+        return self.sampler(sampler).nfe(list(times)) * (2 if doubled else 1)
 
     def check_guidance(self, guidance: float) -> None:
         from cmgen.errors import UserError
