@@ -87,5 +87,5 @@ def test_weight_backed_reward_without_weights_is_one_sentence(tiny_sd, tmp_path,
 
     monkeypatch.delenv("CMGEN_HPSV21", raising=False)
     with pytest.raises(UserError) as err:
-        _trainer(tiny_sd, tmp_path)   # the recipe's reward: hpsv21
+        _trainer(tiny_sd, tmp_path)   # the recipe's reward: hpsv2.1
     assert "CMGEN_HPSV21" in str(err.value) and "\n" not in str(err.value)

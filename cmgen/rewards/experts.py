@@ -18,7 +18,7 @@ from cmgen.errors import UserError
 
 # name -> (environment variable for the weights, what to download)
 EXPERTS = {
-    "hpsv21": ("CMGEN_HPSV21", "HPS_v2.1_compressed.pt from the xswu/HPSv2 Hugging Face repo, plus open_clip's "
+    "hpsv2.1": ("CMGEN_HPSV21", "HPS_v2.1_compressed.pt from the xswu/HPSv2 Hugging Face repo, plus open_clip's "
                                "ViT-H-14 laion2b_s32b_b79k"),
     "pickscore": ("CMGEN_PICKSCORE", "a local folder of yuvalkirstain/PickScore_v1 (transformers CLIPModel) with "
                                      "the laion/CLIP-ViT-H-14-laion2B-s32B-b79K processor files"),
@@ -72,7 +72,7 @@ def _cosine_reward(model, tokenizer, device, scale: float = 1.0):
 
 def build_expert(name: str, device="cpu") -> Callable:
     path = weights_file(name)
-    if name == "hpsv21":
+    if name == "hpsv2.1":
         model, tok = _open_clip("ViT-H-14", path, device)   # HPSv2.1 is a fine-tuned ViT-H-14 state dict
         return _cosine_reward(model, tok, device)
     if name == "clipscore":

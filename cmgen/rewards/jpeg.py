@@ -122,3 +122,11 @@ def surrogate() -> JPEGSurrogate:
 def surrogate_reward():
     net = surrogate().requires_grad_(False)
     return lambda x, c: -net.to(x.device)(x)
+
+
+def jpeg_surrogate(device="cpu"):
+    """Registry factory (cmgen.rewards): the surrogate as a differentiable Reward, minus predicted kB."""
+    from cmgen.rewards import Reward
+
+    return Reward("jpeg-surrogate", surrogate_reward(), f"minus the JPEG size in kB predicted by {VERSION}",
+                  differentiable=True)
