@@ -107,7 +107,7 @@ def ci95(d: np.ndarray) -> tuple[float, float, float]:
 
 
 def main(argv=None) -> int:
-    from cmgen.plots import save_grid
+    from cmgen.plots import read_metrics, save_curve, save_grid
     from cmgen.runs import load_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -151,6 +151,10 @@ def main(argv=None) -> int:
                     row[f"{k}_gain_ci95"] = ci95(v - base[steps][k])
             rows.append(row)
             save_grid(x[:100], out / f"{Path(run).name}_{steps}step.png")
+        metrics = read_metrics(Path(run) / "metrics.jsonl")
+        for key in ("lcd", "reward", "lrm/agree", "lrm/loss"):
+            save_curve(metrics, key, out / f"{Path(run).name}_{key.replace('/', '_')}.png", logy=key == "lcd",
+                       title=f"{Path(run).name}: {key}")
             print(json.dumps(row))
     (out / "table.json").write_text(json.dumps(rows, indent=2))
     lines = ["| run | steps | digit-class | JPEG -kB | ink | FD-digits | digit-class gain (95% CI) | JPEG gain (95% CI) "
