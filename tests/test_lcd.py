@@ -302,3 +302,14 @@ def test_sample_guidance_is_the_w_embedding_of_cfg_minus_one(lcd_run):
         want = gen.codec.decode(lcm_multistep(gen.net, per_image_noise([7, 8], gen.shape), lcm_timesteps(2),
                                               gen.net.alphas_cumprod, w=w, class_labels=labels))
         assert torch.allclose(gen.sample(noise, gen.times(2), labels=labels, guidance=cfg), want, atol=1e-6)
+
+
+def test_a_student_layout_other_than_the_teachers_is_one_sentence(cache, teacher, tmp_path):
+    from cmgen.train import Trainer
+
+    r = lcd_recipe(cache, teacher)
+    import dataclasses
+
+    r = dataclasses.replace(r, model=dataclasses.replace(r.model, block_out_channels=(16, 48)))
+    with pytest.raises(UserError, match="recipe section 'model'"):
+        Trainer(r, tmp_path, progress=False)

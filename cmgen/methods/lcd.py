@@ -157,10 +157,13 @@ class Method(BaseMethod):
                             "Stable Diffusion teacher")
         self._check_teacher()
         unet = gen.net.backbone.unet
-        missing = unet.load_state_dict(self.teacher.backbone.unet.state_dict(), strict=False).missing_keys
+        try:
+            missing = unet.load_state_dict(self.teacher.backbone.unet.state_dict(), strict=False).missing_keys
+        except RuntimeError:  # shapes differ
+            missing = ["a tensor of another shape"]
         if any(not k.startswith("time_embedding.cond_proj") for k in missing):
-            raise UserError(f"the student does not fit the teacher '{cfg.teacher}' ({missing[0]} missing); "
-                            "copy the teacher recipe's model section into this recipe")
+            raise UserError(f"recipe section 'model' does not fit the teacher '{cfg.teacher}' ({missing[0]}); copy "
+                            "the teacher recipe's model section into this recipe")
         self.grid = skip_step_grid(cfg.num_train_timesteps, cfg.original_steps)
         self.k = cfg.num_train_timesteps // cfg.original_steps
         self.alphas_cumprod = cfg.schedule.alphas_cumprod()
