@@ -68,7 +68,6 @@ def lrm_agreement(run: str) -> dict:
     triplet (ties excluded) that the LRM orders as the expert does."""
     from cmgen.checkpoint import load_tensors
     from cmgen.data import load_dataset
-    from cmgen.methods.lcd import Method
     from cmgen.pretrained import load_weights
     from cmgen.rewards.differentiable import build_reward
     from cmgen.rewards.lrm import PAIRS, build_lrm

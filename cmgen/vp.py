@@ -84,12 +84,6 @@ def ddim_timesteps(steps: int, num_train_timesteps: int = 1000, steps_offset: in
     return [ratio * i + steps_offset for i in reversed(range(steps))]
 
 
-def ddim_prev_alpha(alphas_cumprod: torch.Tensor, t: int, steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """alpha_bar of the previous DDIM timestep t - T // steps; alpha_bar_0 below zero (set_alpha_to_one=False)."""
-    prev = t - num_train_timesteps // steps
-    return alphas_cumprod[prev] if prev >= 0 else alphas_cumprod[0]
-
-
 # ----------------------------------------------------------------------------- LCM
 
 def lcm_boundary_scalings(t: torch.Tensor, sigma_data: float = LCM_SIGMA_DATA,

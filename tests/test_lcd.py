@@ -1,7 +1,6 @@
 """LCD and RG-LCD through the loop on a tiny latent teacher: the loss against a hand computation with
 diffusers' DDIM for the solver, the EMA target (0.95), the student's non-strict initialisation, beta = 0
 equal to plain LCD bit for bit, the reward term's sign and carrier, and the LRM's pairwise KL and phase."""
-import math
 
 import pytest
 import torch

@@ -3,7 +3,6 @@ schedule, eps/v conversions, DDIM (sampler and LCD's skip-step solver), LCMSched
 scalings and steps, and the LCM pipeline's guidance embedding."""
 import math
 
-import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler, LatentConsistencyModelPipeline

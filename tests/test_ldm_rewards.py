@@ -1,6 +1,6 @@
 """The latent diffusion teacher's loss (eps and v targets, label dropout) against diffusers' DDPMScheduler, and
 the RG-LCD rewards: digit-class probability of the sample's own label, ink, JPEG compressibility and its
-differentiable surrogate, the LRM's held-out agreement measure."""
+differentiable surrogate."""
 import io
 
 import numpy as np
@@ -137,10 +137,3 @@ def test_jpeg_surrogate_ranks_held_out_images_like_the_real_encoder_and_has_grad
     net(xg).sum().backward()
     assert xg.grad.abs().sum() > 0
 
-
-def test_lrm_agreement_counts_concordant_pairs():
-    from cmgen.rewards.lrm import agreement
-
-    e = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    assert agreement(e, e * 10) == 1.0 and agreement(e, -e) == 0.0
-    assert agreement(e, torch.tensor([1.0, 3.0, 2.0, 4.0])) == pytest.approx(5 / 6)

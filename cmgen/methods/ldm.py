@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from cmgen.methods.base import Method as BaseMethod
 from cmgen.methods.edm import drop_labels

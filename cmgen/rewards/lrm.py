@@ -74,10 +74,3 @@ def pairwise_real_ce(lrm: torch.Tensor) -> torch.Tensor:
     losses = [-torch.log_softmax(lrm[:, [a, 2]].float(), 1)[:, 1] for a in (0, 1)]
     return torch.stack(losses, 1).mean()
 
-
-def agreement(expert: torch.Tensor, lrm: torch.Tensor) -> float:
-    """Fraction of all pairs (i, j), i < j, of a held-out set that the LRM orders as the expert does."""
-    de = expert[:, None] - expert[None, :]
-    dl = lrm[:, None] - lrm[None, :]
-    mask = torch.triu(torch.ones_like(de, dtype=torch.bool), 1) & (de != 0)
-    return float(((de * dl) > 0)[mask].float().mean())
