@@ -10,7 +10,8 @@ Pipelines load lazily (no diffusers import on `import cmgen`):
 __version__ = "0.1.0"
 
 _LAZY = {"CMGenPipeline": "cmgen.pipelines", "CMGenScheduler": "cmgen.pipelines",
-         "CMGenEDMPipeline": "cmgen.pipelines", "CMGenFlowPipeline": "cmgen.pipelines"}
+         "CMGenEDMPipeline": "cmgen.pipelines", "CMGenFlowPipeline": "cmgen.pipelines",
+         "CMGenLatentPipeline": "cmgen.pipelines"}
 
 
 def __getattr__(name):

@@ -146,8 +146,11 @@ def _exportable_network(lm):
     if lm.parameterisation not in ("cm", "edm", "flow"):
         raise UserError(f"'{lm.source}' holds a {lm.parameterisation} model, which cmgen export does not write yet; "
                         "sample it with `cmgen sample`")
+    if lm.kind == "latent" and lm.parameterisation != "cm":
+        raise UserError(f"'{lm.source}' is a latent {lm.parameterisation} model; cmgen export writes latent "
+                        "consistency models only so far; sample this one with `cmgen sample`")
     unet = getattr(lm.net.backbone, "unet", None)
-    if lm.kind != "image" or unet is None or not hasattr(unet, "save_pretrained"):
+    if lm.kind not in ("image", "latent") or unet is None or not hasattr(unet, "save_pretrained"):
         raise UserError(f"'{lm.source}' holds a model.arch={lm.recipe.model.arch} model on {lm.kind} data, which "
                         "diffusers cannot load; only image models with model.arch=unet can be exported")
     return unet
@@ -164,6 +167,13 @@ def _build_pipeline(unet, lm):
     p, s = recipe.precond, recipe.sample
     if lm.parameterisation in ("edm", "flow"):
         return _diffusion_pipeline(unet, lm), None
+    if lm.kind == "latent":  # the VAE and the latent statistics travel with the UNet
+        from cmgen.pipelines import CMGenLatentPipeline, LatentStatistics
+
+        sched = CMGenScheduler(sigma_min=p.sigma_min, sigma_max=p.sigma_max, sigma_data=p.sigma_data, rho=p.rho,
+                               sample_sigmas=list(s.sigmas), clip_denoised=lm.clip)
+        return CMGenLatentPipeline(unet=unet, scheduler=sched, vae=lm.codec.vae,
+                                   latent_stats=LatentStatistics.from_codec(lm.codec)), None
     if type(unet) is UNet2DModel:
         grid = karras_grid_for(s.sigmas, p)
         sched = CMStochasticIterativeScheduler(num_train_timesteps=grid.num_train_timesteps, sigma_min=p.sigma_min,
@@ -203,7 +213,8 @@ def _write_sidecar_files(folder: Path, lm, pipe, grid: Optional[KarrasGrid], ema
     from cmgen.recipe import dump_recipe
 
     info = {"step": lm.step, "weights": "ema" if ema else "raw", "source": str(lm.source),
-            "data_shape": list(lm.shape), "num_classes": lm.num_classes, "data_kind": lm.kind,
+            "data_shape": list(lm.shape), "image_shape": list(lm.image_shape), "num_classes": lm.num_classes,
+            "data_kind": lm.kind,
             "pipeline_class": type(pipe).__name__}
     if grid is not None and grid.mid_index is not None:
         info["scheduler_grid"] = {"num_train_timesteps": grid.num_train_timesteps,

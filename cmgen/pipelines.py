@@ -3,7 +3,8 @@
 `CMGenPipeline(unet, scheduler)` samples any single-time consistency network that saves as a
 diffusers model (e.g. `cmgen.models.nsln.NsLNUNet2DModel`) with cmgen's own preconditioning
 and sampler, so its images equal `cmgen sample` by construction. `CMGenScheduler` holds the
-noise levels. Load an exported folder offline with
+noise levels. `CMGenLatentPipeline(unet, scheduler, vae, latent_stats)` does the same in a VAE's
+latent space and decodes (latent CT models). Load an exported folder offline with
 
     from cmgen.pipelines import CMGenPipeline
     pipe = CMGenPipeline.from_pretrained(folder)
@@ -25,7 +26,7 @@ from types import SimpleNamespace
 from typing import Optional, Sequence, Union
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401  looked up by name when loading
 
@@ -134,9 +135,52 @@ class CMGenPipeline(DiffusionPipeline):
         noise = generator_noise(generator, batch_size, _sample_shape(self.unet), device)
         x = consistency_multistep(self.denoiser(), noise, sigmas, sigma_min=self.scheduler.config.sigma_min,
                                   class_labels=labels, clip_denoised=self.scheduler.config.clip_denoised)
-        image = _images(x, output_type, self.numpy_to_pil)
+        image = _images(self.decode(x), output_type, self.numpy_to_pil)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=image) if return_dict else (image,)
+
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """The sampler's output as images in [-1, 1] (pixel models sample images directly)."""
+        return x
+
+
+class LatentStatistics(ModelMixin, ConfigMixin):
+    """The per-element mean/std maps of a latent model's training latents: the model sees
+    x = sigma_data (z - mean) / std (cmgen.latents), so decoding needs them beside the VAE."""
+
+    @register_to_config
+    def __init__(self, shape: Sequence[int] = (4, 32, 32), sigma_data: float = 0.5):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(tuple(shape)))
+        self.register_buffer("std", torch.ones(tuple(shape)))
+
+    @classmethod
+    def from_codec(cls, codec) -> "LatentStatistics":
+        stats = cls(shape=list(codec.mean.shape), sigma_data=codec.sigma_data)
+        stats.mean.copy_(codec.mean)
+        stats.std.copy_(codec.std)
+        return stats
+
+    def codec(self, vae, image_shape=None):
+        from cmgen.latents import LatentCodec
+
+        return LatentCodec(vae, self.mean, self.std, self.config.sigma_data, image_shape=image_shape)
+
+
+class CMGenLatentPipeline(CMGenPipeline):
+    """A latent consistency model (latent CT): cmgen's consistency sampler over the normalised latents
+    (estimates not clipped), then the VAE decoder through the training latents' statistics, the same
+    decode `cmgen sample` runs."""
+
+    model_cpu_offload_seq = "unet->vae"
+
+    def __init__(self, unet, scheduler: CMGenScheduler, vae, latent_stats: LatentStatistics):
+        DiffusionPipeline.__init__(self)
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, latent_stats=latent_stats)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.latent_stats.codec(self.vae).decode(x)
 
 
 class _GuidedPipeline(DiffusionPipeline):

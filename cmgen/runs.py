@@ -62,7 +62,7 @@ def load_pipeline_model(path, device="cpu"):
     from cmgen.recipe import from_tree, read_yaml
 
     folder = Path(path)
-    _, unet, sched = read_pipeline_parts(folder)
+    index, unet, sched = read_pipeline_parts(folder)
     defaults = PrecondConfig()
     precond = PrecondConfig(**{k: float(sched.get(k, getattr(defaults, k)))
                                for k in ("sigma_min", "sigma_max", "sigma_data", "rho")})
@@ -81,8 +81,21 @@ def load_pipeline_model(path, device="cpu"):
     num_classes = int(info.get("num_classes", cfg.num_class_embeds or 0))
     if recipe is None:
         recipe = foreign_recipe(folder, unet, sched, precond, shape, num_classes)
-    return Generator(model, recipe, shape, num_classes, info.get("data_kind", "image"), step=info.get("step"),
-                     source=folder)
+    codec = pipeline_codec(folder, index, info) if "latent_stats" in index else None
+    return Generator(model, recipe, shape, num_classes, info.get("data_kind", "image"), codec=codec,
+                     step=info.get("step"), source=folder)
+
+
+def pipeline_codec(folder: Path, index: dict, info: dict):
+    """The codec of an exported latent model: its vae/ and latent_stats/ components."""
+    from cmgen.pipelines import LatentStatistics
+    from cmgen.pretrained import load_vae
+
+    if "vae" not in index:
+        raise UserError(f"'{folder}' has latent statistics but no vae component; re-export the run with cmgen export")
+    vae = load_vae(str(folder / "vae"), what=f"the VAE of pipeline '{folder}'")
+    stats = LatentStatistics.from_pretrained(folder / "latent_stats")
+    return stats.codec(vae, image_shape=info.get("image_shape"))
 
 
 def foreign_sample_sigmas(sched: dict, p: PrecondConfig) -> list[float]:

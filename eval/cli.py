@@ -113,7 +113,7 @@ def compute_table(args, default_steps: str):
     if kind == "model":
         n = args.n or DEFAULT_N[net.kind]
         ref_name = args.ref or default_ref_for(obj.recipe)
-        splits = run_splits(obj.recipe) if ref_name in RUN_SPLITS else None
+        splits = run_splits(obj.recipe, getattr(obj, "codec", None)) if ref_name in RUN_SPLITS else None
         if splits is not None:
             ref = split_reference(splits[ref_name], ref_name, net, opts, args.batch_size)
         else:
@@ -151,12 +151,12 @@ def compute_table(args, default_steps: str):
 RUN_SPLITS = ("holdout", "train")
 
 
-def run_splits(recipe) -> dict:
+def run_splits(recipe, codec=None) -> dict:
     """--ref holdout|train: the run's own data split, rebuilt from its recipe (data.holdout, train.seed)."""
     from cmgen.data import load_dataset
 
     if recipe.data.name == "latents":
-        return latent_run_splits(recipe)
+        return latent_run_splits(recipe, codec=codec)
     train, held = load_dataset(recipe.data, recipe.train.seed)
     if held is None:
         raise UserError("--ref holdout needs a run trained with data.holdout > 0; pass another --ref "
@@ -164,9 +164,10 @@ def run_splits(recipe) -> dict:
     return {"train": train, "holdout": held}
 
 
-def latent_run_splits(recipe, with_reconstructions: bool = True) -> dict:
+def latent_run_splits(recipe, with_reconstructions: bool = True, codec=None) -> dict:
     """A latent run's splits in image space: the cache's source images split as the run split its latents,
-    plus `vae`, the training latents decoded by the VAE (the floor a latent model can reach)."""
+    plus `vae`, the training latents decoded by the VAE (the floor a latent model can reach) through
+    `codec` (the model's own, else the cache's VAE loaded again)."""
     import torch
 
     from cmgen.data import Dataset, _split, image_folder, load_digits, latent_dataset
@@ -191,7 +192,7 @@ def latent_run_splits(recipe, with_reconstructions: bool = True) -> dict:
     if not with_reconstructions:
         return {"train": train, "holdout": held}
     lat_train, _ = _split(lat, recipe.data.holdout, recipe.train.seed)
-    codec = codec_for(recipe)
+    codec = codec if codec is not None and hasattr(codec, "vae") else codec_for(recipe)
     decoded = torch.cat([codec.decode(lat_train.x[i:i + 256]) for i in range(0, len(lat_train), 256)])
     vae = Dataset(decoded, lat_train.labels, lat_train.num_classes, "image", "VAE reconstructions")
     return {"train": train, "holdout": held, "vae": vae}

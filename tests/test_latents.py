@@ -1,6 +1,7 @@
 """Latent caches: posterior samples of a VAE, per-element statistics to std 0.5, the codec, resume
 after an interruption, and refusal of a cache made with another VAE, seed or dataset."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,13 +125,9 @@ def test_missing_or_wrong_vae_is_one_sentence(tmp_path, capsys, cache):
     assert "is not a diffusers AutoencoderKL folder" in capsys.readouterr().err
 
 
-def test_latent_ct_trains_on_a_cache_and_is_judged_on_decoded_images(cache, tmp_path, capsys):
-    """lct on digits latents: the loop sees 4x4x4 latents; sample and eval see decoded 8x8 images, and
-    `--ref holdout` adds the real-data and VAE-reconstruction floors."""
-    import numpy as np
-
+@pytest.fixture(scope="module")
+def latent_run(cache, tmp_path_factory):
     from cmgen.recipe import from_tree
-    from cmgen.runs import load_model
     from cmgen.train import train
 
     tree = {"name": "lct_tiny", "method": {"name": "lct"},
@@ -139,7 +136,17 @@ def test_latent_ct_trains_on_a_cache_and_is_judged_on_decoded_images(cache, tmp_
                       "norm": "nsln"},
             "train": {"steps": 3, "batch_size": 8, "sample_n": 4, "checkpoint_every": 3, "sample_every": 3},
             "sample": {"sigmas": [80.0, 0.529]}, "eval": {"steps": [1, 2], "every": 3, "n": 32}}
-    run = train(from_tree(tree), tmp_path / "run", progress=False)
+    return train(from_tree(tree), tmp_path_factory.mktemp("lct") / "run", progress=False)
+
+
+def test_latent_ct_trains_on_a_cache_and_is_judged_on_decoded_images(latent_run, tmp_path, capsys):
+    """lct on digits latents: the loop sees 4x4x4 latents; sample and eval see decoded 8x8 images, and
+    `--ref holdout` adds the real-data and VAE-reconstruction floors."""
+    import numpy as np
+
+    from cmgen.runs import load_model
+
+    run = latent_run
     gen = load_model(run)
     assert gen.shape == (4, 4, 4) and gen.image_shape == (1, 8, 8) and gen.kind == "latent" and not gen.clip
     assert (run / "samples_2step.png").is_file()
@@ -185,3 +192,36 @@ def test_train_vae_cli_writes_a_loadable_diffusers_vae_that_learned(tmp_path, ca
     assert load_vae(str(out)).config.block_out_channels == [8, 16] or \
         tuple(load_vae(str(out)).config.block_out_channels) == (8, 16)
     assert cli(["latents", "train-vae", "digits", "--out", str(out), "--steps", "1"]) == 2  # not empty
+
+
+def _sample_npz(target, steps, n, tmp_path):
+    import numpy as np
+
+    out = tmp_path / f"{Path(target).name}-{steps}.npz"
+    assert cli(["sample", str(target), "--steps", str(steps), "--n", str(n), "--out", str(out)] + FAST) == 0
+    return torch.from_numpy(np.load(out)["samples"])
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_latent_export_holds_vae_unet_scheduler_and_statistics_and_equals_cmgen_sample(latent_run, cache, steps,
+                                                                                         tmp_path):
+    """The exported pipeline decodes through its own VAE copy and the cache's mean/std maps: its images
+    equal `cmgen sample` on the run, and the folder loads back as a generator that samples the same."""
+    from cmgen.latents import read_cache
+    from cmgen.pipelines import CMGenLatentPipeline
+
+    folder = tmp_path / "pipe"
+    assert cli(["export", str(latent_run), "--to", str(folder)]) == 0
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "CMGenLatentPipeline" and {"unet", "vae", "scheduler", "latent_stats"} <= set(index)
+    pipe = CMGenLatentPipeline.from_pretrained(folder)
+    stats = read_cache(cache)
+    assert torch.equal(pipe.latent_stats.mean, stats.mean) and torch.equal(pipe.latent_stats.std, stats.std)
+    assert not pipe.scheduler.config.clip_denoised          # latents are not clamped to [-1, 1]
+    pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(j) for j in range(5)]
+    theirs = pipe(batch_size=5, num_inference_steps=steps, generator=gens, output_type="pt").images
+    ours = _sample_npz(latent_run, steps, 5, tmp_path) / 2 + 0.5
+    assert theirs.shape == (5, 1, 8, 8) and ours.std() > 0.01
+    assert (ours - theirs).abs().max().item() <= 1e-5
+    assert torch.allclose(_sample_npz(folder, steps, 5, tmp_path), ours * 2 - 1, atol=1e-6, rtol=0)

@@ -60,7 +60,10 @@ def test_adaptive_c_golden_values(n, c):
 
 def test_stage_c_is_c0_in_the_first_stage_then_adaptive_or_fixed():
     m, _, _ = _method(shape=(4, 32, 32))
-    assert m.c0 == pytest.approx(0.03456, rel=1e-6)            # 0.00054 sqrt(4096)
+    assert m.c0 == pytest.approx(0.03456, rel=1e-6)            # 0.00054 sqrt(4096), the paper's latents
+    small, _, _ = _method(shape=(4, 4, 4))
+    assert small.c0 == m.c0                                    # per element under the mean: not scaled by sqrt(d)
+    assert small.c0 > adaptive_c(21)                           # so c falls from stage to stage at any d
     assert m.huber_c(11) == m.c0 and m.huber_c(21) == adaptive_c(21) and m.huber_c(641) == adaptive_c(641)
     fixed, _, _ = _method(["method.adaptive_c=false", "method.c=0.002"], shape=(4, 32, 32))
     assert fixed.huber_c(11) == fixed.huber_c(641) == 0.002

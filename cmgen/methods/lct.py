@@ -6,7 +6,10 @@ paper's default and an off switch.
    the mean over a sample's elements sits inside the log (as the reference code computes it);
    `loss: pseudo_huber` is the iLCT baseline sqrt(mean_j d_ij^2 + c^2) - c with the same reduction.
 2. Adaptive c: c(N) = exp(-1.15 ln(N - 1) - 0.85) from the curriculum's second stage on; the first
-   stage (N = s0 + 1) keeps c0 = 0.00054 sqrt(d) (or `c`). `adaptive_c: false` keeps c0 throughout.
+   stage (N = s0 + 1) keeps c0 = 0.03456 (or `c`). `adaptive_c: false` keeps c0 throughout. The reference
+   code writes c0 as iCT's 0.00054 sqrt(d) at its d = 4096, but here c meets a per-element mean, so c0 is
+   a per-element scale like c(N) (c(11) by the fit is 0.030): it does not grow with d. Scaling it by
+   sqrt(d) would give d = 64 digits latents c0 = 0.0043, below the next stage's c(21) = 0.0136.
 3. Diffusion loss at low noise: (1/t^2 + 1/sigma_d^2) mean_j (f(x_t, t) - x_0)^2 on the same student
    output, for pairs whose student index (counted from sigma_max) is >= floor(0.75 N), averaged over
    those samples; total L = mean L_cm + 5 mean L_diff, and 0 (never NaN) when no sample qualifies.
@@ -27,7 +30,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from cmgen.losses import ict_huber_c
 from cmgen.methods.base import Method as BaseMethod
 from cmgen.methods.ict import Method as ICTMethod
 from cmgen.rng import keyed_generator
@@ -41,7 +43,7 @@ class Config:
     p_mean: float = -1.1            # lognormal location of the noise-level draw
     p_std: float = 2.0              # lognormal scale
     loss: str = "cauchy"            # cauchy | pseudo_huber (the iLCT baseline); both reduce by the mean
-    c: Optional[float] = None       # c0 (first stage; every stage without adaptive_c); None = 0.00054 sqrt(d)
+    c: Optional[float] = None       # c0 (first stage; every stage without adaptive_c); None = C0, the paper's 0.03456 at any d
     adaptive_c: bool = True         # c(N) = exp(-1.15 ln(N-1) - 0.85) from the second stage on
     diffusion_weight: float = 5.0   # weight of the low-noise diffusion loss; 0 = off
     diffusion_from: float = 0.75    # student index (from sigma_max) >= floor(diffusion_from * N)
@@ -51,11 +53,14 @@ class Config:
         if self.loss not in ("cauchy", "pseudo_huber"):
             yield f"recipe key 'method.loss' must be cauchy or pseudo_huber, got '{self.loss}'"
         if self.c is not None and self.c <= 0:
-            yield f"recipe key 'method.c' must be positive (or null for 0.00054 sqrt(d)), got {self.c}"
+            yield f"recipe key 'method.c' must be positive (or null for the paper's 0.03456), got {self.c}"
         if self.diffusion_weight < 0 or not 0 < self.diffusion_from <= 1:
             yield "recipe keys 'method.diffusion_weight' must be >= 0 and 'method.diffusion_from' in (0, 1]"
         if not 1 <= self.s0 < self.s1:
             yield f"recipe keys 'method.s0' < 'method.s1' must be positive, got {self.s0} and {self.s1}"
+
+
+C0 = 0.03456  # the paper's first-stage c, per element (0.00054 sqrt(4096))
 
 
 def adaptive_c(n: int) -> float:
@@ -91,7 +96,7 @@ class Method(ICTMethod):
     def __init__(self, cfg: Config, recipe, gen):
         BaseMethod.__init__(self, cfg, recipe, gen)
         self._init_curriculum(recipe)
-        self.c0 = cfg.c if cfg.c is not None else ict_huber_c(math.prod(gen.shape))
+        self.c0 = cfg.c if cfg.c is not None else C0
 
     def huber_c(self, n: int) -> float:
         """The stage's c: c0 in the first stage (N = s0 + 1), c(N) after it when adaptive."""
