@@ -39,15 +39,14 @@ def build_lcm_pipeline(lm):
                                               tokenizer=teacher.tokenizer, unet=unet, scheduler=lcm_scheduler(lm.recipe),
                                               safety_checker=None, feature_extractor=None,
                                               requires_safety_checker=False)
-    from cmgen.pipelines_lcm import CMGenLCMPipeline, LatentStats
+    from cmgen.pipelines import LatentStatistics
+    from cmgen.pipelines_lcm import CMGenLCMPipeline
 
     codec = lm.codec
     if not hasattr(codec, "vae"):
         raise UserError(f"'{lm.source}' is not a latent model; LCD students are trained on a latent cache")
-    stats = LatentStats(shape=tuple(lm.shape), sigma_data=codec.sigma_data)
-    stats.mean.copy_(codec.mean.cpu())
-    stats.std.copy_(codec.std.cpu())
-    return CMGenLCMPipeline(unet=unet, scheduler=lcm_scheduler(lm.recipe), vae=codec.vae, latent_stats=stats,
+    return CMGenLCMPipeline(unet=unet, scheduler=lcm_scheduler(lm.recipe), vae=codec.vae,
+                            latent_stats=LatentStatistics.from_codec(codec),
                             default_guidance=m.guidance, num_classes=lm.num_classes)
 
 

@@ -3,37 +3,23 @@
 Text students export as diffusers' stock `LatentConsistencyModelPipeline` (cmgen.export_lcm). A
 class-conditional student has no stock pipeline: `CMGenLCMPipeline(unet, scheduler, vae, latent_stats)` runs
 diffusers' own `LCMScheduler` (timesteps, boundary scalings, noise between steps) over the UNet with the LCM
-pipeline's guidance embedding, and decodes through the VAE and the latent cache's per-element statistics, so
-its images equal `cmgen sample` of the run. Load it with `CMGenLCMPipeline.from_pretrained(folder)` or
+pipeline's guidance embedding, and decodes through the VAE and the latent statistics (`LatentStatistics`, as
+latent CT's export does), so its images equal `cmgen sample` of the run. Load it with `CMGenLCMPipeline.from_pretrained(folder)` or
 `DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)`.
 """
 from __future__ import annotations
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin
-from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers import DiffusionPipeline, ImagePipelineOutput
 
-from cmgen.pipelines import Generators, _class_labels, _images, _sample_shape, generator_noise
+from cmgen.pipelines import Generators, LatentStatistics, _class_labels, _images, _sample_shape, generator_noise
 from cmgen.vp import guidance_embedding
-
-
-class LatentStats(ModelMixin, ConfigMixin):
-    """The latent cache's per-element mean/std maps: model latents x = sd (z - mean) / std (cmgen.latents)."""
-
-    @register_to_config
-    def __init__(self, shape=(4, 4, 4), sigma_data: float = 0.5):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(tuple(shape)))
-        self.register_buffer("std", torch.ones(tuple(shape)))
-
-    def denormalise(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float() * self.std / self.config.sigma_data + self.mean
 
 
 class CMGenLCMPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet->vae"
 
-    def __init__(self, unet, scheduler, vae, latent_stats: LatentStats, default_guidance: float = 8.0,
+    def __init__(self, unet, scheduler, vae, latent_stats: LatentStatistics, default_guidance: float = 8.0,
                  num_classes: int = 0):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae, latent_stats=latent_stats)
@@ -57,8 +43,7 @@ class CMGenLCMPipeline(DiffusionPipeline):
         for t in self.scheduler.timesteps:
             out = self.unet(z, t, encoder_hidden_states=None, class_labels=labels, timestep_cond=emb).sample
             z, denoised = self.scheduler.step(out, t, z, generator=generator, return_dict=False)
-        dtype = next(self.vae.parameters()).dtype
-        x = self.vae.decode(self.latent_stats.denormalise(denoised).to(dtype)).sample.float().clamp(-1, 1)
+        x = self.latent_stats.codec(self.vae).decode(denoised)   # the decode `cmgen sample` runs
         image = _images(x, output_type, self.numpy_to_pil)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=image) if return_dict else (image,)
