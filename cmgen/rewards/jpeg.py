@@ -71,7 +71,7 @@ def surrogate_training_images(seed: int = 0) -> torch.Tensor:
     return torch.cat([x, noisy, blur, contrast, mix])
 
 
-def train_surrogate(steps: int = 1500, seed: int = 0) -> JPEGSurrogate:
+def train_surrogate(steps: int = 800, seed: int = 0) -> JPEGSurrogate:
     """Deterministic regression of the real kB (MSE on standardised sizes)."""
     x = surrogate_training_images(seed)
     y = jpeg_kb(x)
@@ -115,7 +115,7 @@ def _load_or_train(path: str) -> JPEGSurrogate:
 
 
 def surrogate() -> JPEGSurrogate:
-    """The cached surrogate (trained on first use, about half a minute on one core)."""
+    """The cached surrogate (trained on first use, about ten seconds on one core)."""
     return _load_or_train(str(weights_path()))
 
 
