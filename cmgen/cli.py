@@ -152,7 +152,7 @@ def cmd_sample(args) -> int:
         labels = torch.full((args.n,), args.class_label, dtype=torch.long)
     autocast = torch.bfloat16 if args.bf16 else None
     nfe = gen.nfe(times, sampler, args.cfg)
-    steps = len(times) - (0 if sampler in ("multistep", "gamma") else 1)
+    steps = len(times) - (1 if sampler in ("heun", "euler", "sde") else 0)  # ODE/SDE time lists end at 0
     batches, ys = [], []
     for x, y in generate(gen, args.n, times, sampler=sampler, seed=args.seed, batch_size=args.batch_size,
                          labels=labels, guidance=args.cfg, device=device, autocast_dtype=autocast,
@@ -182,7 +182,7 @@ def cmd_sample(args) -> int:
         np.savez(npz, **arrays)
         written.append(npz)
     weights = "the pipeline" if is_pipeline_dir(args.run) else ("raw weights of" if args.no_ema else "EMA weights of")
-    print(f"cmgen: {args.n} samples, {steps} step(s) of {sampler} ({'sigmas' if gen.parameterisation != 'flow' else 'times'} "
+    print(f"cmgen: {args.n} samples, {steps} step(s) of {sampler} ({ {'flow': 'times', 'ldm': 'timesteps', 'lcm': 'timesteps'}.get(gen.parameterisation, 'sigmas')} "
           f"{shown}{cfg}), NFE {nfe}, {weights} {gen.source} -> {', '.join(map(str, written))}")
     return 0
 

@@ -106,6 +106,10 @@ def export_model(source, out_dir, ema: bool = True) -> ExportResult:
     if lm.recipe.model.arch == "sd3":  # a LoRA-tuned diffusers transformer: base pipeline + adapter
         from cmgen.lora import export_lora
         return export_lora(lm, out, ema)
+    if lm.parameterisation == "lcm":  # LCD students: stock LatentConsistencyModelPipeline or CMGenLCMPipeline
+        from cmgen.export_lcm import export_lcm
+
+        return ExportResult(out, export_lcm(lm, out, ema), False, None)
     unet = _exportable_network(lm)
     pipe, grid = _build_pipeline(unet, lm)
     _make_parent(out)

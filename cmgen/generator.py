@@ -45,9 +45,13 @@ def null_label(recipe, num_classes: int) -> Optional[int]:
 
 def build_network(recipe, shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The method's parameterisation around the recipe's backbone, freshly initialised."""
+    from cmgen.methods import method_class
     from cmgen.models import build_backbone
     from cmgen.precond import NETWORKS
 
+    own = getattr(method_class(recipe), "build_network", None)  # a method whose network is not a precond wrapper
+    if own is not None:
+        return own(recipe, tuple(shape), num_classes)
     embeds = num_classes + (1 if null_label(recipe, num_classes) is not None else 0)
     return NETWORKS[parameterisation_of(recipe)](build_backbone(recipe, shape, embeds), recipe.precond)
 
@@ -125,11 +129,14 @@ class Generator:
 
     def nfe(self, times: Sequence[float], sampler: Optional[str] = None, guidance: float = 1.0) -> int:
         """Network evaluations per sample (guidance runs the conditional and unconditional halves)."""
-        return self.sampler(sampler).nfe(list(times)) * (2 if guidance != 1.0 else 1)
+        doubled = guidance != 1.0 and not getattr(self.net, "embeds_guidance", False)
+        return self.sampler(sampler).nfe(list(times)) * (2 if doubled else 1)
 
     def check_guidance(self, guidance: float) -> None:
         from cmgen.errors import UserError
 
+        if getattr(self.net, "embeds_guidance", False):  # the guidance is a network input (LCM's w-embedding)
+            return
         if guidance != 1.0 and self.null_label is None:
             raise UserError(f"--cfg {guidance:g} needs a class-conditional model trained with method.label_dropout > 0; "
                             "this one was not, use --cfg 1")
@@ -140,6 +147,9 @@ class Generator:
         from cmgen.sampling.registry import guided
 
         self.check_guidance(guidance)
-        net = guided(self.net, guidance, self.null_label) if guidance != 1.0 else self.net
+        if getattr(self.net, "embeds_guidance", False):
+            net, options = self.net, {**options, "guidance": guidance}
+        else:
+            net = guided(self.net, guidance, self.null_label) if guidance != 1.0 else self.net
         z = self.sampler(sampler).run(net, noise, list(times), labels, self, options)
         return self.codec.decode(z.float())

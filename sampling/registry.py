@@ -95,6 +95,31 @@ def _run_ctm_heun(net, noise, times, labels, gen, opt):
     from cmgen.sampling.edm import edm_heun
 
     return edm_heun(net.denoise, noise, times, class_labels=labels)
+def _ddim_times(recipe, steps):
+    from cmgen.vp import ddim_timesteps
+
+    return ddim_timesteps(steps, recipe.method.num_train_timesteps)
+
+
+def _run_ddim(net, noise, times, labels, gen, opt):
+    from cmgen.sampling.ddim import ddim
+
+    return ddim(net, noise, [int(t) for t in times], gen.net.alphas_cumprod, gen.net.prediction_type,
+                class_labels=labels)
+
+
+def _lcm_times(recipe, steps):
+    from cmgen.vp import lcm_timesteps
+
+    return lcm_timesteps(steps, recipe.method.original_steps, recipe.method.num_train_timesteps)
+
+
+def _run_lcm(net, noise, times, labels, gen, opt):
+    from cmgen.sampling.lcm import lcm_multistep
+
+    guidance = opt.get("guidance", 1.0)  # --cfg; 1 (the CLI default) means the run's method.guidance
+    w = (guidance if guidance != 1.0 else gen.recipe.method.guidance) - 1.0
+    return lcm_multistep(net, noise, [int(t) for t in times], gen.net.alphas_cumprod, w=w, class_labels=labels)
 
 
 def _heun_nfe(times):
@@ -122,6 +147,12 @@ SAMPLERS: dict[str, dict[str, Sampler]] = {
                             "EDM Heun on CTM's denoiser g(x, t, t), 2N - 1 evaluations")},
 }
 DEFAULT_SAMPLER = {"cm": "multistep", "edm": "heun", "flow": "euler", "ctm": "gamma"}
+    "ldm": {"ddim": Sampler("ddim", _ddim_times, len, _run_ddim,
+                            "DDIM (eta 0) on SD's leading timesteps, N evaluations")},
+    "lcm": {"lcm": Sampler("lcm", _lcm_times, len, _run_lcm,
+                           "LCM multistep on LCMScheduler's timesteps, N evaluations")},
+}
+DEFAULT_SAMPLER = {"cm": "multistep", "edm": "heun", "flow": "euler", "ldm": "ddim", "lcm": "lcm"}
 
 
 def get_sampler(parameterisation: str, name=None) -> Sampler:

@@ -19,6 +19,8 @@ _MODULES = {
     "ctm": "cmgen.methods.ctm",
     "awm": "cmgen.methods.awm",
     "flowgrpo": "cmgen.methods.flowgrpo",
+    "ldm": "cmgen.methods.ldm",
+    "lcd": "cmgen.methods.lcd",
 }
 
 __all__ = ["Batch", "Dist", "Method", "Nets", "Part", "gate", "method_config_class", "method_name_of",

@@ -1,0 +1,91 @@
+"""Rewards as torch functions R(images, cond) -> [B] for reward-guided training (RG-LCD's direct mode and
+its LRM expert). Images are NCHW floats, about [-1, 1]; `cond` is the batch's class labels (or None).
+
+Differentiable: `digit-class` (the digits classifier's probability of the sample's own class, or of
+`target_class`), `ink` (mean brightness in [0, 1]), `jpeg-surrogate` (minus the JPEG size in kB predicted
+by a small CNN trained here, cmgen.rewards.jpeg). Not differentiable (experts for the LRM):
+`jpeg-compressibility` (minus the real JPEG size in kB, cmgen.rewards.jpeg). Weight-backed experts
+(cmgen.rewards.experts): `hpsv2.1`, `pickscore`, `imagereward`, `clipscore`, `aesthetic`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from cmgen.errors import UserError
+
+RewardFn = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+def digit_class_probability(images: torch.Tensor, cond: Optional[torch.Tensor], target_class: Optional[int] = None,
+                            net=None) -> torch.Tensor:
+    """p(class | image) under the digits classifier: the class of `cond` (a class-conditional model's own
+    label), else `target_class`, else the top class."""
+    from cmgen.eval.digits_net import digits_net
+
+    net = net or digits_net()
+    if tuple(images.shape[1:]) != (1, 8, 8):
+        raise UserError(f"reward 'digit-class' needs 1x8x8 digit images, got {tuple(images.shape[1:])}; "
+                        "use it with the digits recipes")
+    net = net.to(images.device)
+    probs = net(images.float()).softmax(1)
+    if cond is not None and not cond.is_floating_point():
+        return probs.gather(1, cond.long().clamp(max=9).view(-1, 1))[:, 0]
+    if target_class is not None:
+        return probs[:, target_class]
+    return probs.max(1).values
+
+
+def ink(images: torch.Tensor, cond=None) -> torch.Tensor:
+    """Mean brightness in [0, 1] (the digits' ink is bright)."""
+    return ((images.float() + 1) / 2).flatten(1).mean(1)
+
+
+def _shared_registry():
+    """The shared `cmgen.rewards` registry package, once it exists (this folder is a namespace package before)."""
+    import cmgen.rewards as pkg
+
+    return pkg if hasattr(pkg, "REWARDS") else None
+
+
+def _refuse_gradient_free(name: str):
+    raise UserError(f"reward '{name}' has no gradient; use it as the LRM expert (method.reward_mode: lrm) or a "
+                    "differentiable reward such as 'jpeg-surrogate' in direct mode")
+
+
+def build_reward(name: str, *, target_class: Optional[int] = None, differentiable: bool = True,
+                 device="cpu") -> RewardFn:
+    """The reward `name` as R(images, cond) -> [B]; `differentiable` refuses the ones without gradients. Names the
+    shared registry knows come from it; the rest (ink, jpeg-surrogate) from here."""
+    key = (name or "").strip().lower().replace("_", "-")
+    if target_class is not None and not 0 <= target_class <= 9:
+        raise UserError(f"recipe key 'method.target_class' must be a digit 0..9, got {target_class}")
+    shared = _shared_registry()
+    if shared is not None and key in shared.REWARDS:
+        if differentiable and not shared.REWARDS[key].differentiable:
+            _refuse_gradient_free(key)
+        return shared.build_reward(key, "method.reward", target_class=target_class, device=device)
+    if key == "digit-class":
+        from cmgen.eval.digits_net import digits_net
+
+        net = digits_net().eval().requires_grad_(False)
+        return lambda x, c: digit_class_probability(x, c, target_class, net)
+    if key == "ink":
+        return ink
+    if key == "jpeg-surrogate":
+        from cmgen.rewards.jpeg import surrogate_reward
+
+        return surrogate_reward()
+    if key == "jpeg-compressibility":
+        if differentiable:
+            _refuse_gradient_free(key)
+        from cmgen.rewards.jpeg import jpeg_compressibility
+
+        return lambda x, c: jpeg_compressibility(x)
+    from cmgen.rewards import experts
+
+    if key in experts.EXPERTS:
+        return experts.build_expert(key, device=device)
+    known = ["digit-class", "ink", "jpeg-surrogate", "jpeg-compressibility", *experts.EXPERTS]
+    raise UserError(f"recipe key 'method.reward' names an unknown reward '{name}'; use one of {', '.join(known)}")

@@ -1,0 +1,314 @@
+"""LCD and RG-LCD through the loop on a tiny latent teacher: the loss against a hand computation with
+diffusers' DDIM for the solver, the EMA target (0.95), the student's non-strict initialisation, beta = 0
+equal to plain LCD bit for bit, the reward term's sign and carrier, and the LRM's pairwise KL and phase."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from cmgen.cli import main as cli
+from cmgen.errors import UserError
+
+FAST = ["--threads", "1", "--no-progress", "--device", "cpu"]
+MODEL = {"arch": "unet", "block_out_channels": [16, 32], "layers_per_block": 1, "norm_num_groups": 8,
+         "attention_head_dim": 8, "class_conditional": True}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=8).eval()
+    folder = tmp_path_factory.mktemp("vae") / "vae"
+    vae.save_pretrained(folder, safe_serialization=True)
+    out = tmp_path_factory.mktemp("cache") / "digits"
+    assert cli(["latents", "encode", "digits", "--vae", str(folder), "--out", str(out)] + FAST) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def teacher(cache, tmp_path_factory):
+    from cmgen.recipe import from_tree
+    from cmgen.train import train
+
+    tree = {"name": "ldm_tiny", "method": {"name": "ldm"}, "data": {"name": "latents", "path": str(cache)},
+            "model": MODEL, "train": {"steps": 2, "batch_size": 8, "checkpoint_every": 2, "sample_n": 4},
+            "eval": {"steps": [2]}}
+    return train(from_tree(tree), tmp_path_factory.mktemp("teacher") / "run", progress=False)
+
+
+def lcd_recipe(cache, teacher, **method):
+    from cmgen.recipe import from_tree
+
+    tree = {"name": "lcd_tiny", "method": {"name": "lcd", "teacher": str(teacher), "w_min": 0.5, "w_max": 2.0,
+                                           "guidance": 2.0, **method},
+            "data": {"name": "latents", "path": str(cache)}, "model": MODEL,
+            "train": {"steps": 3, "batch_size": 8, "checkpoint_every": 3, "sample_n": 4, "ema_decay": 0.95,
+                      "threads": 1},
+            "optim": {"name": "adamw", "lr": 1e-3}, "eval": {"steps": [1, 2]}}
+    return from_tree(tree)
+
+
+def trainer(cache, teacher, tmp_path, **method):
+    from cmgen.train import Trainer
+
+    return Trainer(lcd_recipe(cache, teacher, **method), tmp_path, progress=False)
+
+
+def test_defaults_are_the_papers():
+    from cmgen.methods.lcd import Config
+
+    c = Config(teacher="x")
+    assert (c.huber_c, c.target_decay, c.original_steps, c.w_min, c.w_max, c.loss) == (0.001, 0.95, 50, 5.0, 15.0,
+                                                                                        "huber")
+
+
+def test_student_starts_as_the_teacher_plus_a_fresh_w_projection(cache, teacher, tmp_path):
+    tr = trainer(cache, teacher, tmp_path)
+    student = tr.gen.net.backbone.unet.state_dict()
+    ref = tr.method.teacher.backbone.unet.state_dict()
+    fresh = [k for k in student if k not in ref]
+    assert fresh == ["time_embedding.cond_proj.weight"]
+    assert all(torch.equal(student[k], ref[k]) for k in ref)
+    assert all(torch.equal(p, q) for p, q in zip(tr.targets["target"].module.parameters(), tr.gen.net.parameters()))
+
+
+def test_loss_equals_a_hand_computation_with_diffusers_ddim(cache, teacher, tmp_path):
+    """Replaying the step's keyed draws (n, eps, w): z = add_noise at t_s = 20(n+1) - 1, the teacher's guided eps
+    stepped by DDIMScheduler (trailing 50-step grid), the target network at t_e = t_s - 20 with the same w, and
+    mean(sqrt(d^2 + 0.001^2) - 0.001)."""
+    from cmgen.rng import BatchRNG
+    from cmgen.vp import VPSchedule, add_noise
+
+    tr = trainer(cache, teacher, tmp_path)
+    batch = tr._batch(0)
+    got = tr.method.loss(tr.nets, batch, 0)
+    rng = BatchRNG(0, 0, 8, 0, 8)
+    n = rng.randint(0, 50)
+    eps = rng.randn(4, 4, 4)
+    w = 0.5 + 1.5 * rng.rand()
+    t_s = 20 * (n + 1) - 1
+    ac = VPSchedule().alphas_cumprod()
+    z = add_noise(batch.x, eps, ac, t_s)
+    teacher_net = tr.method.teacher
+    null = torch.full_like(batch.labels, 10)
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")
+    sched.set_timesteps(50)
+    with torch.no_grad():
+        e_c, e_u = teacher_net(z, t_s, batch.labels), teacher_net(z, t_s, null)
+        e = e_c + w.view(-1, 1, 1, 1) * (e_c - e_u)
+        z_prev = torch.cat([sched.step(e[i:i + 1], int(t_s[i]), z[i:i + 1]).prev_sample for i in range(8)])
+        target = tr.nets.target(z_prev, (t_s - 20).clamp(min=0), batch.labels, w)
+        pred = tr.nets.model(z, t_s, batch.labels, w)
+    want = (torch.sqrt((pred - target) ** 2 + 1e-6) - 1e-3).mean()
+    assert got["loss"].item() == pytest.approx(want.item(), rel=1e-4)
+    assert not torch.allclose(target, tr.nets.model(z_prev, (t_s - 20).clamp(min=0), batch.labels, 0.0 * w))
+
+
+def test_target_network_is_an_ema_with_decay_095(cache, teacher, tmp_path):
+    tr = trainer(cache, teacher, tmp_path)
+    before = [p.detach().clone() for p in tr.targets["target"].module.parameters()]
+    tr.train_step()
+    after = list(tr.targets["target"].module.parameters())
+    model = list(tr.gen.net.parameters())
+    moved = 0
+    for b, a, m in zip(before, after, model):
+        assert torch.allclose(a, 0.95 * b + 0.05 * m.detach(), atol=1e-6)
+        moved += int(not torch.equal(a, b))
+    assert moved > 0
+
+
+def _train_weights(cache, teacher, tmp_path, **method):
+    tr = trainer(cache, teacher, tmp_path, **method)
+    for _ in range(3):
+        tr.train_step()
+    return {k: v.clone() for k, v in tr.gen.net.state_dict().items()}
+
+
+def test_beta_zero_reproduces_plain_lcd_bit_for_bit_and_beta_positive_does_not(cache, teacher, tmp_path):
+    plain = _train_weights(cache, teacher, tmp_path / "a")
+    zero = _train_weights(cache, teacher, tmp_path / "b", reward_mode="direct", reward="ink", reward_scale=0.0)
+    lrm0 = _train_weights(cache, teacher, tmp_path / "c", reward_mode="lrm", reward="jpeg-compressibility",
+                          reward_scale=0.0)
+    half = _train_weights(cache, teacher, tmp_path / "d", reward_mode="direct", reward="ink", reward_scale=0.5)
+    assert all(torch.equal(plain[k], zero[k]) for k in plain)
+    assert all(torch.equal(plain[k], lrm0[k]) for k in plain)
+    assert any(not torch.equal(plain[k], half[k]) for k in plain)
+
+
+def test_reward_term_is_minus_beta_r_of_the_decoded_student_output(cache, teacher, tmp_path, monkeypatch):
+    """dL/df = dL_LCD/df - beta dR(decode(f))/df: the reward's gradient reaches the student's one-step output (not
+    the target), with a minus sign."""
+    from cmgen.methods.lcd import pseudo_huber_elementwise
+    from cmgen.rewards.differentiable import ink
+
+    beta = 0.7
+    tr = trainer(cache, teacher, tmp_path, reward_mode="direct", reward="ink", reward_scale=beta)
+    m = tr.method
+    batch = tr._batch(0)
+    pred, target = m.lcd_pair(tr.nets, batch)
+    assert pred.requires_grad and not target.requires_grad
+    leaf = pred.detach().clone().requires_grad_(True)
+    monkeypatch.setattr(m, "lcd_pair", lambda nets, b: (leaf, target))
+    out = m.loss(tr.nets, batch, 0)
+    out["loss"].backward()
+    f1 = leaf.detach().clone().requires_grad_(True)
+    torch.autograd.backward(pseudo_huber_elementwise(f1, target, 0.001))
+    f2 = leaf.detach().clone().requires_grad_(True)
+    ink(m.decode(f2)).mean().backward()
+    assert torch.allclose(leaf.grad, f1.grad - beta * f2.grad, atol=1e-7)
+    assert f2.grad.abs().sum() > 0
+    assert out["reward"].item() == pytest.approx(ink(m.decode(pred.detach())).mean().item(), rel=1e-5)
+
+
+def test_pairwise_kl_is_the_sum_over_pairs_of_kl_expert_to_lrm():
+    from cmgen.rewards.lrm import PAIRS, pairwise_kl
+
+    g = torch.Generator().manual_seed(0)
+    expert, lrm = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g).requires_grad_(True)
+    got, agree = pairwise_kl(expert, lrm)
+    want = 0.0
+    for a, b in PAIRS:
+        p = torch.softmax(expert[:, [a, b]], 1)
+        q = torch.softmax(lrm[:, [a, b]], 1)
+        want = want + (p * (p.log() - q.log())).sum(1).mean() / 3
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    # KL(p || q), not KL(q || p)
+    rev = sum((torch.softmax(lrm[:, [a, b]], 1) * (torch.log_softmax(lrm[:, [a, b]], 1)
+              - torch.log_softmax(expert[:, [a, b]], 1))).sum(1).mean() / 3 for a, b in PAIRS)
+    assert abs(got.item() - rev.item()) > 1e-3
+    got.backward()
+    assert lrm.grad.abs().sum() > 0
+    same, agree_same = pairwise_kl(expert, (expert + 3.0).requires_grad_(True))   # shift-invariant per pair
+    assert same.item() == pytest.approx(0.0, abs=1e-6) and agree_same.item() == 1.0
+    flipped, agree_flip = pairwise_kl(expert, -expert)
+    assert agree_flip.item() == 0.0 and flipped.item() > 0
+
+
+def test_lrm_mode_steps_the_lrm_after_the_student_on_the_triplet(cache, teacher, tmp_path):
+    tr = trainer(cache, teacher, tmp_path, reward_mode="lrm", reward="jpeg-compressibility", reward_scale=1.0)
+    assert tr.method.phases(0) == ("model", "lrm")
+    lrm_before = [p.detach().clone() for p in tr.parts["lrm"].module.parameters()]
+    model_before = [p.detach().clone() for p in tr.gen.net.parameters()]
+    terms = tr.train_step()
+    assert {"lrm/loss", "lrm/agree", "reward", "lcd"} <= set(terms)
+    assert any(not torch.equal(a, b) for a, b in zip(lrm_before, tr.parts["lrm"].module.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(model_before, tr.gen.net.parameters()))
+    # the LRM phase leaves the student alone: its loss reaches the LRM only
+    batch = tr._batch(0)
+    batch.extra["triplet"] = (batch.x + 0.1, batch.x - 0.1)
+    batch.phase = "lrm"
+    tr.gen.net.zero_grad(set_to_none=True)
+    tr.method.loss(tr.nets, batch, 1)["loss"].backward()
+    assert all(p.grad is None for p in tr.gen.net.parameters())
+
+
+def test_lrm_warmup_keeps_the_reward_out_of_the_student_loss(cache, teacher, tmp_path):
+    tr = trainer(cache, teacher, tmp_path, reward_mode="lrm", reward="jpeg-compressibility", lrm_warmup_steps=5)
+    batch = tr._batch(0)
+    out = tr.method.loss(tr.nets, batch, 0)
+    assert out["loss"].item() == pytest.approx(out["lcd"].item(), rel=1e-6)
+    out = tr.method.loss(tr.nets, tr._batch(0), 5)
+    assert out["loss"].item() != pytest.approx(out["lcd"].item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("method,needle", [
+    ({"teacher": ""}, "method.teacher"),
+    ({"reward_mode": "guided"}, "method.reward_mode"),
+    ({"reward_mode": "direct"}, "method.reward"),
+    ({"w_min": 3.0, "w_max": 1.0}, "method.w_min"),
+    ({"loss": "cauchy"}, "method.loss"),
+])
+def test_bad_lcd_recipes_are_one_sentence(cache, teacher, method, needle):
+    method = dict(method)
+    with pytest.raises(UserError) as err:
+        lcd_recipe(cache, method.pop("teacher", teacher), **method)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_non_differentiable_direct_reward_is_refused(cache, teacher, tmp_path):
+    with pytest.raises(UserError, match="jpeg-surrogate"):
+        trainer(cache, teacher, tmp_path, reward_mode="direct", reward="jpeg-compressibility")
+
+
+def test_teacher_must_be_an_ldm_run(cache, tmp_path):
+    with pytest.raises(UserError, match="method.teacher"):
+        trainer(cache, tmp_path / "nowhere", tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def lcd_run(cache, teacher, tmp_path_factory):
+    from cmgen.train import train
+
+    return train(lcd_recipe(cache, teacher), tmp_path_factory.mktemp("lcd") / "run", progress=False)
+
+
+@pytest.mark.parametrize("steps", [2, 4])
+def test_exported_class_conditional_pipeline_equals_cmgen_sample(lcd_run, tmp_path, steps):
+    """CMGenLCMPipeline runs diffusers' LCMScheduler (its timesteps, scalings and noise) and the LCM pipeline's
+    w-embedding; its images equal `cmgen sample`'s for the same per-image seeds and labels."""
+    from cmgen.pipelines_lcm import CMGenLCMPipeline
+    from cmgen.runs import load_model
+    from cmgen.sampling import generate
+
+    out = tmp_path / "pipe"
+    assert cli(["export", str(lcd_run), "--to", str(out)]) == 0
+    assert not list(out.rglob("*.bin")) and (out / "latent_stats" / "diffusion_pytorch_model.safetensors").is_file()
+    pipe = CMGenLCMPipeline.from_pretrained(out)
+    gens = [torch.Generator().manual_seed(s) for s in range(5)]
+    got = pipe(batch_size=5, num_inference_steps=steps, generator=gens, output_type="pt").images
+    gen = load_model(lcd_run)
+    want = next(generate(gen, 5, gen.times(steps), seed=0, progress=False))[0]
+    assert torch.allclose(got, (want / 2 + 0.5).clamp(0, 1), atol=1e-5)
+    other = pipe(batch_size=5, num_inference_steps=steps, guidance_scale=1.0,
+                 generator=[torch.Generator().manual_seed(s) for s in range(5)], output_type="pt").images
+    assert not torch.allclose(other, got, atol=1e-3)   # guidance enters through the w-embedding
+
+
+def test_lrm_is_trained_on_the_student_target_real_triplet_scored_by_the_expert(cache, teacher, tmp_path, monkeypatch):
+    tr = trainer(cache, teacher, tmp_path, reward_mode="lrm", reward="jpeg-compressibility", expert_scale=3.0)
+    m = tr.method
+    batch = tr._batch(0)
+    m.loss(tr.nets, batch, 0)
+    student, target = batch.extra["triplet"]
+    seen = []
+    monkeypatch.setattr(m, "expert", lambda images, cond: seen.append(images) or images.flatten(1).mean(1))
+    batch.phase = "lrm"
+    out = m.lrm_loss(tr.nets, batch)
+    for z, images in zip((student, target, batch.x), seen):
+        assert torch.allclose(images, m.decode(z), atol=1e-6)
+    from cmgen.rewards.lrm import pairwise_kl
+
+    expert = torch.stack([m.decode(z).flatten(1).mean(1) for z in (student, target, batch.x)], 1) * 3.0
+    lrm = torch.stack([tr.nets.lrm(z, batch.labels) for z in (student, target, batch.x)], 1)
+    assert out["loss"].item() == pytest.approx(pairwise_kl(expert, lrm)[0].item(), rel=1e-5)
+
+
+def test_sample_guidance_is_the_w_embedding_of_cfg_minus_one(lcd_run):
+    from cmgen.runs import load_model
+    from cmgen.sampling import per_image_noise
+    from cmgen.sampling.lcm import lcm_multistep
+    from cmgen.vp import lcm_timesteps
+
+    gen = load_model(lcd_run)
+    labels = torch.tensor([0, 5])
+    for cfg, w in ((3.0, 2.0), (1.0, gen.recipe.method.guidance - 1)):   # --cfg 1 (the default): method.guidance
+        noise = per_image_noise([7, 8], gen.shape)
+        want = gen.codec.decode(lcm_multistep(gen.net, per_image_noise([7, 8], gen.shape), lcm_timesteps(2),
+                                              gen.net.alphas_cumprod, w=w, class_labels=labels))
+        assert torch.allclose(gen.sample(noise, gen.times(2), labels=labels, guidance=cfg), want, atol=1e-6)
+
+
+def test_a_student_layout_other_than_the_teachers_is_one_sentence(cache, teacher, tmp_path):
+    from cmgen.train import Trainer
+
+    r = lcd_recipe(cache, teacher)
+    import dataclasses
+
+    r = dataclasses.replace(r, model=dataclasses.replace(r.model, block_out_channels=(16, 48)))
+    with pytest.raises(UserError, match="recipe section 'model'"):
+        Trainer(r, tmp_path, progress=False)
