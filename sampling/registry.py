@@ -145,14 +145,12 @@ SAMPLERS: dict[str, dict[str, Sampler]] = {
                                  "consistency multistep with f(x, t) = G(x, t, sigma_min) (gamma = 1), N evaluations"),
             "heun": Sampler("heun", _edm_times, _heun_nfe, _run_ctm_heun,
                             "EDM Heun on CTM's denoiser g(x, t, t), 2N - 1 evaluations")},
-}
-DEFAULT_SAMPLER = {"cm": "multistep", "edm": "heun", "flow": "euler", "ctm": "gamma"}
     "ldm": {"ddim": Sampler("ddim", _ddim_times, len, _run_ddim,
                             "DDIM (eta 0) on SD's leading timesteps, N evaluations")},
     "lcm": {"lcm": Sampler("lcm", _lcm_times, len, _run_lcm,
                            "LCM multistep on LCMScheduler's timesteps, N evaluations")},
 }
-DEFAULT_SAMPLER = {"cm": "multistep", "edm": "heun", "flow": "euler", "ldm": "ddim", "lcm": "lcm"}
+DEFAULT_SAMPLER = {"cm": "multistep", "edm": "heun", "flow": "euler", "ctm": "gamma", "ldm": "ddim", "lcm": "lcm"}
 
 
 def get_sampler(parameterisation: str, name=None) -> Sampler:
