@@ -63,9 +63,13 @@ def one_run(method, lr, seed, a, out: Path) -> dict:
     return row
 
 
-def samples_to(curve, tau: float, batch: int):
-    for step, v in curve:
+def samples_to(curve, tau: float, batch: int, interpolate: bool = False):
+    """Samples at the first evaluation with reward >= tau; or, interpolated linearly between that
+    evaluation and the one before, where the curve crosses tau."""
+    for (s0, v0), (step, v) in zip([curve[0]] + curve[:-1], curve):
         if v >= tau:
+            if interpolate and step > s0 and v > v0:
+                return (s0 + (step - s0) * (tau - v0) / (v - v0)) * batch
             return step * batch
     return None
 
@@ -92,8 +96,8 @@ def main(argv=None) -> int:
         rows = [one_run(method, lr, a.tune_seed, a, out) for lr in lrs]
         best[method] = max(rows, key=lambda w: w["curve"][-1][1])["lr"]
     runs = {(m, s): one_run(m, best[m], s, a, out) for m in RECIPES for s in seeds}
-    table = ["| seed | base | AWM final | tau | AWM samples to tau | Flow-GRPO samples to tau | ratio |",
-             "|---|---|---|---|---|---|---|"]
+    table = ["| seed | base | AWM final | tau | AWM samples to tau | Flow-GRPO samples to tau | ratio | "
+             "interpolated: AWM / Flow-GRPO / ratio |", "|---|---|---|---|---|---|---|---|"]
     ratios = []
     for s in seeds:
         awm, grpo = runs[("awm", s)], runs[("flowgrpo", s)]
@@ -103,8 +107,10 @@ def main(argv=None) -> int:
         ratio = (na / ng) if (na and ng) else None
         ratios.append(ratio)
         never = f"> {a.steps * grpo['batch']}"
+        ia, ig = samples_to(awm["curve"], tau, awm["batch"], True), samples_to(grpo["curve"], tau, grpo["batch"], True)
+        inter = f"{ia:.0f} / {ig:.0f} / {ia / ig:.2f}" if (ia and ig) else "-"
         table.append(f"| {s} | {base:.4f} | {final:.4f} | {tau:.4f} | {na} | {ng or never} | "
-                     f"{'-' if ratio is None else f'{ratio:.2f}'} |")
+                     f"{'-' if ratio is None else f'{ratio:.2f}'} | {inter} |")
     table.append(f"\nreward {a.reward}; lr grid {lrs} tuned on seed {a.tune_seed}: AWM {best['awm']:g}, "
                  f"Flow-GRPO {best['flowgrpo']:g}; {runs[('awm', seeds[0])]['batch']} rollouts per round; policy "
                  f"scored every {a.every} steps on {a.n} fixed 10-step Euler samples.")
