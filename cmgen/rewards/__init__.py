@@ -65,6 +65,8 @@ register("brightness", "cmgen.rewards.image:brightness", differentiable=True, ne
          help="mean pixel value in [0, 1] (the ink of white-on-black digits)")
 register("digit-class", "cmgen.rewards.digits:digit_class", differentiable=True, needs_condition=True,
          help="the digits classifier's probability of the conditioning class (prompt alignment's analogue)")
+register("jpeg-surrogate", "cmgen.rewards.jpeg:jpeg_surrogate", differentiable=True, needs_condition=False,
+         help="minus the JPEG size in kB predicted by a small CNN trained here (differentiable)")
 register("aesthetic", "cmgen.rewards.weights:aesthetic", differentiable=False, needs_condition=False,
          help="LAION aesthetic predictor on CLIP ViT-L/14 (weights: --aesthetic, --clip)")
 register("pickscore", "cmgen.rewards.weights:pickscore", differentiable=True, needs_condition=True,

@@ -5,7 +5,7 @@ Differentiable: `digit-class` (the digits classifier's probability of the sample
 `target_class`), `ink` (mean brightness in [0, 1]), `jpeg-surrogate` (minus the JPEG size in kB predicted
 by a small CNN trained here, cmgen.rewards.jpeg). Not differentiable (experts for the LRM):
 `jpeg-compressibility` (minus the real JPEG size in kB, cmgen.rewards.jpeg). Weight-backed experts
-(cmgen.rewards.experts): `hpsv2.1`, `pickscore`, `imagereward`, `clipscore`, `aesthetic`.
+(the cmgen.rewards registry): `hpsv2.1`, `pickscore`, `imagereward`, `clipscore`, `aesthetic`.
 """
 from __future__ import annotations
 
@@ -42,13 +42,6 @@ def ink(images: torch.Tensor, cond=None) -> torch.Tensor:
     return ((images.float() + 1) / 2).flatten(1).mean(1)
 
 
-def _shared_registry():
-    """The shared `cmgen.rewards` registry package, once it exists (this folder is a namespace package before)."""
-    import cmgen.rewards as pkg
-
-    return pkg if hasattr(pkg, "REWARDS") else None
-
-
 def _refuse_gradient_free(name: str):
     raise UserError(f"reward '{name}' has no gradient; use it as the LRM expert (method.reward_mode: lrm) or a "
                     "differentiable reward such as 'jpeg-surrogate' in direct mode")
@@ -56,36 +49,18 @@ def _refuse_gradient_free(name: str):
 
 def build_reward(name: str, *, target_class: Optional[int] = None, differentiable: bool = True,
                  device="cpu") -> RewardFn:
-    """The reward `name` as R(images, cond) -> [B]; `differentiable` refuses the ones without gradients. Names the
-    shared registry knows come from it; the rest (ink, jpeg-surrogate) from here."""
+    """The reward `name` as R(images, cond) -> [B]; `differentiable` refuses the ones without gradients. Every name but
+    `ink` (the registry's `brightness`, under its RG-LCD recipe name) comes from the cmgen.rewards registry."""
     key = (name or "").strip().lower().replace("_", "-")
     if target_class is not None and not 0 <= target_class <= 9:
         raise UserError(f"recipe key 'method.target_class' must be a digit 0..9, got {target_class}")
-    shared = _shared_registry()
-    if shared is not None and key in shared.REWARDS:
+    from cmgen import rewards as shared
+
+    if key == "ink":
+        return ink
+    if key in shared.REWARDS:
         if differentiable and not shared.REWARDS[key].differentiable:
             _refuse_gradient_free(key)
         return shared.build_reward(key, "method.reward", target_class=target_class, device=device)
-    if key == "digit-class":
-        from cmgen.eval.digits_net import digits_net
-
-        net = digits_net().eval().requires_grad_(False)
-        return lambda x, c: digit_class_probability(x, c, target_class, net)
-    if key == "ink":
-        return ink
-    if key == "jpeg-surrogate":
-        from cmgen.rewards.jpeg import surrogate_reward
-
-        return surrogate_reward()
-    if key == "jpeg-compressibility":
-        if differentiable:
-            _refuse_gradient_free(key)
-        from cmgen.rewards.jpeg import jpeg_compressibility
-
-        return lambda x, c: jpeg_compressibility(x)
-    from cmgen.rewards import experts
-
-    if key in experts.EXPERTS:
-        return experts.build_expert(key, device=device)
-    known = ["digit-class", "ink", "jpeg-surrogate", "jpeg-compressibility", *experts.EXPERTS]
+    known = ["ink", *shared.REWARDS]
     raise UserError(f"recipe key 'method.reward' names an unknown reward '{name}'; use one of {', '.join(known)}")
