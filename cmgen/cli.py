@@ -80,7 +80,7 @@ def _smoke(recipe_path: str, overrides: list[str]) -> int:
 
     base = load_recipe(recipe_path, overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    small = [f"train.steps=2", f"train.batch_size={2 * world * base.train.grad_accum}", "train.checkpoint_every=1000000",
+    small = ["train.steps=2", f"train.batch_size={2 * world * base.train.grad_accum}", "train.checkpoint_every=1000000",
              "train.log_every=1", "eval.every=0", "train.sample_every=0"]
     recipe = load_recipe(recipe_path, overrides + small)
     configure_threads(recipe.train.threads)

@@ -112,21 +112,31 @@ def export_model(source, out_dir, ema: bool = True) -> ExportResult:
         return ExportResult(out, export_lcm(lm, out, ema), False, None)
     unet = _exportable_network(lm)
     pipe, grid = _build_pipeline(unet, lm)
+
+    def write(tmp: Path) -> None:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        _write_sidecar_files(tmp, lm, pipe, grid, ema)
+
+    publish_folder(out, write)
+    return ExportResult(out, type(pipe).__name__, grid is not None, grid)
+
+
+def publish_folder(out: Path, write) -> None:
+    """`write(tmp)` fills a temporary sibling folder, which then replaces the empty `out`: the folder appears
+    complete or not at all, never with pickled weights."""
     _make_parent(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        _write_sidecar_files(tmp, lm, pipe, grid, ema)
+        write(tmp)
         _assert_no_pickles(tmp)
         if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)  # the folder appears complete or not at all
+            out.rmdir()  # empty, checked before
+        os.replace(tmp, out)
     except OSError as exc:
         raise UserError(f"--to '{out}' cannot be written ({exc.strerror or exc}); choose another folder") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return ExportResult(out, type(pipe).__name__, grid is not None, grid)
 
 
 def _check_target(out: Path) -> None:

@@ -5,8 +5,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from cmgen.errors import UserError
@@ -52,15 +50,13 @@ def build_lcm_pipeline(lm):
 
 def export_lcm(lm, out: Path, ema: bool = True):
     """Write the pipeline of `lm` into the new folder `out`; returns the pipeline class name."""
-    from cmgen.export import _assert_no_pickles, _make_parent
+    from cmgen.export import publish_folder
     from cmgen.recipe import dump_recipe
     from cmgen.runs import EXPORT_FILE, RECIPE_FILE
 
     pipe = build_lcm_pipeline(lm)
-    _make_parent(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+
+    def write(tmp: Path) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / RECIPE_FILE).write_text(dump_recipe(lm.recipe))
         info = {"step": lm.step, "weights": "ema" if ema else "raw", "source": str(lm.source),
@@ -70,12 +66,6 @@ def export_lcm(lm, out: Path, ema: bool = True):
         if type(pipe).__module__.startswith("cmgen"):
             (tmp / "pipeline.py").write_text(f'"""Loads cmgen\'s pipeline class (pip install cmgen)."""\n'
                                              f"from {type(pipe).__module__} import {type(pipe).__name__}  # noqa: F401\n")
-        _assert_no_pickles(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise UserError(f"--to '{out}' cannot be written ({exc.strerror or exc}); choose another folder") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    publish_folder(out, write)
     return type(pipe).__name__

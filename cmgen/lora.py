@@ -7,8 +7,6 @@
 """
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 from cmgen.errors import UserError
@@ -26,7 +24,7 @@ def adapter_state(transformer) -> dict:
 
 def export_lora(lm, out: Path, ema: bool = True):
     """Write the base pipeline and the run's adapter (`lm`: a loaded cmgen Generator of a model.arch sd3 run)."""
-    from cmgen.export import ExportResult
+    from cmgen.export import ExportResult, publish_folder
     from cmgen.models.sd3 import load_pipeline, pipeline_folder
     from cmgen.recipe import dump_recipe
     from cmgen.runs import RECIPE_FILE
@@ -35,10 +33,8 @@ def export_lora(lm, out: Path, ema: bool = True):
     if not backbone.has_lora:
         raise UserError(f"'{lm.source}' was trained without LoRA (method.lora_rank 0); it has no adapter to export")
     pipe = load_pipeline(pipeline_folder(lm.recipe))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+
+    def write(tmp: Path) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
         config = backbone.transformer.peft_config["default"]   # rank and alpha: the adapter's scale alpha / r
         type(pipe).save_lora_weights(tmp / LORA_DIR, transformer_lora_layers=adapter_state(backbone.transformer),
@@ -50,11 +46,6 @@ def export_lora(lm, out: Path, ema: bool = True):
             f"({lm.recipe.method.__class__.__module__.rsplit('.', 1)[-1]}, reward {lm.recipe.method.reward}).\n\n"
             "```python\nfrom diffusers import StableDiffusion3Pipeline\n"
             f"pipe = StableDiffusion3Pipeline.from_pretrained('{out}')\npipe.load_lora_weights('{out / LORA_DIR}')\n```\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise UserError(f"--to '{out}' cannot be written ({exc.strerror or exc}); choose another folder") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    publish_folder(out, write)
     return ExportResult(out, type(pipe).__name__, True, None)

@@ -3,9 +3,7 @@ folder (a cmgen export or a foreign consistency pipeline)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
-import torch
 
 from cmgen.checkpoint import list_checkpoints, load_tensors, read_state
 from cmgen.errors import UserError

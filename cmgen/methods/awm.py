@@ -23,7 +23,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from cmgen.errors import UserError
 from cmgen.methods.rollout import RewardMethod, RolloutConfig
 from cmgen.rng import keyed_generator
 

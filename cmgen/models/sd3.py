@@ -160,14 +160,9 @@ def _clip_tokenizer(folder: Path):
     """A byte-level CLIP tokenizer with no merges, written locally (no hub files)."""
     from transformers import CLIPTokenizer
 
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    chars = [chr(c) for c in cs]
+    from cmgen.sd import byte_characters
+
+    chars = byte_characters()
     vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": 256 + i for i, c in enumerate(chars)}
     vocab |= {"<|startoftext|>": 512, "<|endoftext|>": 513}
     folder.mkdir(parents=True, exist_ok=True)
