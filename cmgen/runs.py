@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from cmgen.checkpoint import list_checkpoints, load_tensors, read_state
 from cmgen.errors import UserError
 from cmgen.generator import Generator
