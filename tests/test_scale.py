@@ -271,6 +271,7 @@ def test_two_process_eval_and_in_loop_eval_equal_one_process(tmp_path):
     recipe = from_tree(read_yaml(run / "recipe.yaml"))
     data, holdout = training_data(recipe)
     gen = load_model(run, ema=True)
+    (tmp_path / "single").mkdir()
     numbers = evaluate_during_training(gen, recipe, data, holdout, 2, tmp_path / "single")
     row = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
     assert numbers and {k: row[k] for k in numbers} == numbers
