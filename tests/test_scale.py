@@ -248,7 +248,8 @@ def test_cpu_draws_are_those_of_a_cpu_generator_keyed_by_seed_step_and_draw():
 # ------------------------------------------------------------------------------ distributed evaluation
 
 def _launch(*args):
-    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    # accelerate's launcher as a module: a venv that gets accelerate through a .pth has no `accelerate` script
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", str(BIN / "cmgen"),
            *map(str, args)]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
@@ -270,6 +271,7 @@ def test_two_process_eval_and_in_loop_eval_equal_one_process(tmp_path):
     recipe = from_tree(read_yaml(run / "recipe.yaml"))
     data, holdout = training_data(recipe)
     gen = load_model(run, ema=True)
+    (tmp_path / "single").mkdir()
     numbers = evaluate_during_training(gen, recipe, data, holdout, 2, tmp_path / "single")
     row = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
     assert numbers and {k: row[k] for k in numbers} == numbers

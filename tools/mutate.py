@@ -131,7 +131,8 @@ def run_one(m: Mutant, timeout: int, python: str, root: Path) -> tuple[str, floa
     if count != 1:
         return f"snippet found {count} times (update the mutant)", 0.0
     path.write_text(original.replace(m.old, m.new))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=str(root))
+    # CMGEN_TEST_THREADS=2: the pinned iCT checksums were taken at two threads (they differ at one)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=str(root), CMGEN_TEST_THREADS="2")
     t0 = time.time()
     try:
         proc = subprocess.run([python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--timeout", str(timeout),
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
             print(f"{m.file:24s} {m.name}")
         return 0
     root = private_copy()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(root))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(root), CMGEN_TEST_THREADS="2")
     probe = subprocess.run([sys.executable, "-c", "import cmgen.rng, cmgen.sampling; print(cmgen.rng.__file__, "
                             "cmgen.sampling.__file__)"], cwd=root, env=env, capture_output=True, text=True)
     if not all(p.startswith(str(root)) for p in probe.stdout.split()):
