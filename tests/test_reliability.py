@@ -234,7 +234,7 @@ def test_fuzzed_recipes_load_or_fail_with_a_user_error(base, patch):
 # ------------------------------------------------------------------------------ 6. two processes
 
 def _launch(args, out, extra=()):
-    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            str(BIN / "cmgen"), "train", "ict_digits", *args, "--out", str(out), "--no-progress", *extra]
     env = _env()
