@@ -2,8 +2,7 @@
 # The RG-LCD digits table: the ldm_digits teacher, plain LCD, direct RG-LCD at beta 0.5 and 1, LRM RG-LCD at
 # beta 0.5 and 1 (beta 0 is plain LCD bit for bit), then benchmarks/rglcd_digits.py (rewards with paired 95%
 # CIs against LCD, FD-digits, the LRM's held-out agreement, grids beside the teacher's 50-step DDIM).
-# Needs runs/latents_digits. On a shared machine run it under the CPU lock:
-#   flock /tmp/cmgen-cpu.lock bash benchmarks/rglcd_digits.sh
+# Needs runs/latents_digits. Run it alone on the machine: bash benchmarks/rglcd_digits.sh
 set -eux
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 T() { /usr/bin/time -f "$1 wall %e s" cmgen train "${@:2}" --no-progress; }

@@ -1,6 +1,6 @@
 """Mutation testing of the formulas: plant one wrong formula at a time, run the tests that should see it.
 
-    OMP_NUM_THREADS=2 flock /tmp/cmgen-cpu.lock .venv/bin/python tools/mutate.py [--only NAME...] [--timeout 240]
+    OMP_NUM_THREADS=2 .venv/bin/python tools/mutate.py [--only NAME...] [--timeout 240]
 
 Each mutant replaces one exact snippet of a source file (operator swap, constant change, dropped
 no_grad/detach, sign flip, a draw that ignores its key...), runs the test files listed for that
