@@ -63,14 +63,15 @@ def train_digits_net(epochs: int = EPOCHS, seed: int = SEED) -> DigitsNet:
     opt = torch.optim.Adam(net.parameters(), lr=LR)
     g = torch.Generator().manual_seed(seed + 1)
     net.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=g)
-        for start in range(0, len(x), BATCH):
-            idx = order[start:start + BATCH]
-            loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    with torch.enable_grad():  # first use may come from inside a no_grad caller (a reward in a rollout)
+        for _ in range(epochs):
+            order = torch.randperm(len(x), generator=g)
+            for start in range(0, len(x), BATCH):
+                idx = order[start:start + BATCH]
+                loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
     net.eval()
     with torch.no_grad():
         raw = net.trunk(x)

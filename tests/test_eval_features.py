@@ -116,6 +116,15 @@ def test_digits_training_is_deterministic():
     assert weights_digest(train_digits_net(epochs=1)) != weights_digest(train_digits_net(epochs=1, seed=1))
 
 
+def test_digits_training_works_when_first_called_under_no_grad():
+    """A reward's first use can come from inside a no_grad rollout; training must still learn."""
+    from cmgen.eval.digits_net import train_digits_net, weights_digest
+
+    with torch.no_grad():
+        inside = train_digits_net(epochs=1)
+    assert weights_digest(inside) == weights_digest(train_digits_net(epochs=1))
+
+
 def test_digits_net_is_cached_and_accurate(monkeypatch):
     from cmgen.data import load_digits
     from cmgen.eval import digits_net as dn
