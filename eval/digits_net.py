@@ -92,21 +92,28 @@ def weights_digest(net: nn.Module) -> str:
     return h.hexdigest()
 
 
-@lru_cache(maxsize=4)
-def _load_or_train(path: str) -> DigitsNet:
+def load_or_train(path: Path, build, train) -> nn.Module:
+    """A small network cached as safetensors at `path`: `build()` loaded from the file, or else `train()`
+    (with gradients on, whatever the caller's mode) and written atomically, so a concurrent reader never
+    sees half a file."""
     from safetensors.torch import load_file, save_file
 
-    p = Path(path)
-    net = DigitsNet()
-    if p.is_file():
-        net.load_state_dict(load_file(str(p)))
+    if path.is_file():
+        net = build()
+        net.load_state_dict(load_file(str(path)))
         return net.eval()
-    net = train_digits_net()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    with torch.enable_grad():
+        net = train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    os.replace(tmp, p)  # atomic: a concurrent reader never sees half a file
+    os.replace(tmp, path)
     return net
+
+
+@lru_cache(maxsize=4)
+def _load_or_train(path: str) -> DigitsNet:
+    return load_or_train(Path(path), DigitsNet, lambda: train_digits_net())
 
 
 def digits_net() -> DigitsNet:

@@ -7,7 +7,6 @@ at 32x32 the sizes spread (0.78 +- 0.07 kB) and follow the image's content.
 """
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -99,19 +98,9 @@ def weights_path() -> Path:
 
 @lru_cache(maxsize=2)
 def _load_or_train(path: str) -> JPEGSurrogate:
-    from safetensors.torch import load_file, save_file
+    from cmgen.eval.digits_net import load_or_train
 
-    p = Path(path)
-    net = JPEGSurrogate()
-    if p.is_file():
-        net.load_state_dict(load_file(str(p)))
-        return net.eval()
-    net = train_surrogate()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    os.replace(tmp, p)
-    return net
+    return load_or_train(Path(path), JPEGSurrogate, train_surrogate)
 
 
 def surrogate() -> JPEGSurrogate:
