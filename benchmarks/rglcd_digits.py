@@ -6,6 +6,10 @@
 Every model samples the same n images (seed j, label j % 10); rewards are compared with plain LCD's sample
 by sample (paired), with a 95% normal CI of the mean difference. FD-digits is against all 1797 digits.
 Writes table.json, table.md and a grid per (run, steps) beside the teacher's 50-step DDIM.
+
+    python benchmarks/rglcd_digits.py aggregate runs/rglcd_seeds runs/rglcd_table_s*/table.json
+
+pools the tables of several training seeds (runs named *_s<k>) into mean ± std per row (seeds.md).
 """
 from __future__ import annotations
 
@@ -105,10 +109,46 @@ def ci95(d: np.ndarray) -> tuple[float, float, float]:
     return m, m - 1.96 * se, m + 1.96 * se
 
 
+def aggregate(tables: list[str], out: Path) -> list[dict]:
+    """Mean and sample std over training seeds of each (run, steps) row of several table.json files; a run's seed
+    suffix `_s<k>` is dropped so that its seeds pool. Writes seeds.json and seeds.md into `out`."""
+    import re
+
+    pooled: dict[tuple[str, int], list[dict]] = {}
+    for t in tables:
+        for r in json.loads(Path(t).read_text()):
+            pooled.setdefault((re.sub(r"_s\d+ ", " ", r["run"]), r["steps"]), []).append(r)
+    keys = ("digit_class", "jpeg_compressibility", "fd_digits", "lrm_agreement")
+    rows = []
+    for (run, steps), rs in pooled.items():
+        row = {"run": run, "steps": steps, "seeds": len(rs)}
+        for k in keys:
+            v = np.array([r[k] for r in rs if k in r])
+            if len(v):
+                row[k] = [float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")]
+        rows.append(row)
+    fmt = lambda r, k: "{:.3f} ± {:.3f}".format(*r[k]) if k in r else ""  # noqa: E731
+    lines = ["| run | steps | seeds | digit-class | JPEG -kB | FD-digits | LRM agreement |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['steps']} | {r['seeds']} | {fmt(r, 'digit_class')} | "
+              f"{fmt(r, 'jpeg_compressibility')} | {fmt(r, 'fd_digits')} | {fmt(r, 'lrm_agreement')} |" for r in rows]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "seeds.json").write_text(json.dumps(rows, indent=2))
+    (out / "seeds.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
+
+
 def main(argv=None) -> int:
     from cmgen.plots import read_metrics, save_curve, save_grid
     from cmgen.runs import load_model
 
+    if argv is None:
+        import sys
+
+        argv = sys.argv[1:]
+    if argv and argv[0] == "aggregate":   # python benchmarks/rglcd_digits.py aggregate OUT TABLE.json...
+        aggregate(argv[2:], Path(argv[1]))
+        return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lcd", required=True, help="plain LCD run (the baseline)")
     p.add_argument("--runs", nargs="*", default=[], help="RG-LCD runs to compare")

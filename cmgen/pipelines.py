@@ -369,3 +369,13 @@ def pipeline_class_for(network: torch.nn.Module, parameterisation: str = "cm") -
         if cls in table:
             return table[cls]
     return None
+
+
+def __getattr__(name: str):
+    """`from cmgen.pipelines import CMGenLCMPipeline` (the name `cmgen export` prints) without importing the LCM
+    module, which imports this one, at load time."""
+    if name == "CMGenLCMPipeline":
+        from cmgen.pipelines_lcm import CMGenLCMPipeline
+
+        return CMGenLCMPipeline
+    raise AttributeError(f"module 'cmgen.pipelines' has no attribute '{name}'")

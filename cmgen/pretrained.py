@@ -18,7 +18,8 @@ from cmgen.errors import UserError
 from cmgen.precond import PrecondConfig
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-SCHEDULERS = ("CMStochasticIterativeScheduler", "CMGenScheduler", "EDMEulerScheduler", "FlowMatchEulerDiscreteScheduler")
+SCHEDULERS = ("CMStochasticIterativeScheduler", "CMGenScheduler", "EDMEulerScheduler", "FlowMatchEulerDiscreteScheduler",
+              "LCMScheduler")
 # UNet config keys that may differ between the source and the recipe's model
 _FREE_CONFIG_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values", "dropout"}
 

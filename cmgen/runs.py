@@ -64,13 +64,18 @@ def load_pipeline_model(path, device="cpu"):
     precond = PrecondConfig(**{k: float(sched.get(k, getattr(defaults, k)))
                                for k in ("sigma_min", "sigma_max", "sigma_data", "rho")})
     recipe = from_tree(read_yaml(folder / RECIPE_FILE)) if (folder / RECIPE_FILE).is_file() else None
-    if recipe is None and sched.get("_class_name") in ("EDMEulerScheduler", "FlowMatchEulerDiscreteScheduler"):
+    if recipe is None and sched.get("_class_name") in ("EDMEulerScheduler", "FlowMatchEulerDiscreteScheduler",
+                                                       "LCMScheduler"):
         raise UserError(f"'{folder}' is a {sched['_class_name']} pipeline without {RECIPE_FILE}; cmgen samples "
-                        "the EDM and flow pipelines it exported itself")
+                        "the EDM, flow and LCM pipelines it exported itself")
     parameterisation = parameterisation_of(recipe) if recipe is not None else "cm"
     if recipe is not None:
         precond = recipe.precond
-    model = NETWORKS[parameterisation](UNetBackbone(unet), precond).to(device).eval()
+    if parameterisation == "lcm":
+        model = lcm_network(folder, index, unet, recipe)
+    else:
+        model = NETWORKS[parameterisation](UNetBackbone(unet), precond)
+    model = model.to(device).eval()
     cfg = unet.config
     size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
     info = _read_json(folder / EXPORT_FILE, "cmgen export") if (folder / EXPORT_FILE).is_file() else {}
@@ -81,6 +86,16 @@ def load_pipeline_model(path, device="cpu"):
     codec = pipeline_codec(folder, index, info) if "latent_stats" in index else None
     return Generator(model, recipe, shape, num_classes, info.get("data_kind", "image"), codec=codec,
                      step=info.get("step"), source=folder)
+
+
+def lcm_network(folder: Path, index: dict, unet, recipe):
+    """The LCD student of an exported CMGenLCMPipeline: its UNet under the run's VP schedule and prediction type."""
+    from cmgen.models.ldm_unet import CondUNetBackbone, LatentConsistency
+
+    if "latent_stats" not in index:   # diffusers' stock LatentConsistencyModelPipeline: prompts, not class labels
+        raise UserError(f"'{folder}' is a text-to-image LCM pipeline; cmgen samples class-conditional LCM exports, so "
+                        "load this one with diffusers' LatentConsistencyModelPipeline.from_pretrained")
+    return LatentConsistency(CondUNetBackbone(unet), recipe.method.schedule, recipe.method.prediction_type)
 
 
 def pipeline_codec(folder: Path, index: dict, info: dict):

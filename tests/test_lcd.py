@@ -251,7 +251,7 @@ def lcd_run(cache, teacher, tmp_path_factory):
 def test_exported_class_conditional_pipeline_equals_cmgen_sample(lcd_run, tmp_path, steps):
     """CMGenLCMPipeline runs diffusers' LCMScheduler (its timesteps, scalings and noise) and the LCM pipeline's
     w-embedding; its images equal `cmgen sample`'s for the same per-image seeds and labels."""
-    from cmgen.pipelines_lcm import CMGenLCMPipeline
+    from cmgen.pipelines import CMGenLCMPipeline   # the import `cmgen export` prints
     from cmgen.runs import load_model
     from cmgen.sampling import generate
 
@@ -267,6 +267,23 @@ def test_exported_class_conditional_pipeline_equals_cmgen_sample(lcd_run, tmp_pa
     other = pipe(batch_size=5, num_inference_steps=steps, guidance_scale=1.0,
                  generator=[torch.Generator().manual_seed(s) for s in range(5)], output_type="pt").images
     assert not torch.allclose(other, got, atol=1e-3)   # guidance enters through the w-embedding
+
+
+def test_an_exported_lcm_pipeline_samples_and_evaluates_like_its_run(lcd_run, tmp_path):
+    """`cmgen sample` / `cmgen eval` take the exported folder: same network, scheduler rule and codec as the run."""
+    from cmgen.runs import load_model
+    from cmgen.sampling import generate
+
+    out = tmp_path / "pipe"
+    assert cli(["export", str(lcd_run), "--to", str(out)]) == 0
+    run, pipe = load_model(lcd_run), load_model(out)
+    assert type(pipe.net).__name__ == "LatentConsistency" and pipe.codec is not None
+    for steps in (2, 4):
+        want = next(generate(run, 4, run.times(steps), seed=3, progress=False))[0]
+        got = next(generate(pipe, 4, pipe.times(steps), seed=3, progress=False))[0]
+        assert torch.allclose(got, want, atol=1e-5)
+    assert cli(["sample", str(out), "--steps", "2", "--n", "4", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 0
 
 
 def test_lrm_is_trained_on_the_student_target_real_triplet_scored_by_the_expert(cache, teacher, tmp_path, monkeypatch):
@@ -286,6 +303,27 @@ def test_lrm_is_trained_on_the_student_target_real_triplet_scored_by_the_expert(
     expert = torch.stack([m.decode(z).flatten(1).mean(1) for z in (student, target, batch.x)], 1) * 3.0
     lrm = torch.stack([tr.nets.lrm(z, batch.labels) for z in (student, target, batch.x)], 1)
     assert out["loss"].item() == pytest.approx(pairwise_kl(expert, lrm)[0].item(), rel=1e-5)
+
+
+def test_the_students_lrm_reward_is_the_bare_cosine_not_the_preference_logit(cache, teacher, tmp_path):
+    """L = L_LCD - beta mean cos(img(f), txt(c)): the LRM's logit scale sharpens its preferences only, so a
+    large scale leaves the student's reward (and its gradient) in [-1, 1]."""
+    import math
+
+    tr = trainer(cache, teacher, tmp_path, reward_mode="lrm", reward="jpeg-compressibility", reward_scale=0.7,
+                 lrm_warmup_steps=0)
+    with torch.no_grad():
+        tr.nets.lrm.log_scale.fill_(math.log(50.0))
+    batch = tr._batch(0)
+    out = tr.method.loss(tr.nets, batch, 0)
+    pred, _ = batch.extra["triplet"]
+    lrm = tr.nets.lrm
+    img = torch.nn.functional.normalize(lrm.image(pred), dim=-1)
+    txt = torch.nn.functional.normalize(lrm.condition(batch.labels, len(pred), pred.device), dim=-1)
+    cos = (img * txt).sum(-1).mean()
+    assert out["reward"].item() == pytest.approx(cos.item(), abs=1e-6)
+    assert out["loss"].item() == pytest.approx(out["lcd"].item() - 0.7 * cos.item(), abs=1e-6)
+    assert lrm(pred, batch.labels).mean().item() == pytest.approx(50 * cos.item(), rel=1e-4)
 
 
 def test_sample_guidance_is_the_w_embedding_of_cfg_minus_one(lcd_run):

@@ -272,7 +272,7 @@ class Method(BaseMethod):
                 r = self.reward_fn(self.decode(pred), self.reward_cond(batch))
                 loss = loss - cfg.reward_scale * r.mean()
             elif gate(step, cfg.lrm_warmup_steps):
-                r = nets.lrm(pred, batch.labels)
+                r = nets.lrm(pred, batch.labels, scaled=False)   # the cosine: bounded, as RG-LCD's CLIP reward
                 loss = loss - cfg.reward_scale * r.mean()
             else:
                 r = torch.zeros(())

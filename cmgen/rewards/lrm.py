@@ -1,11 +1,12 @@
-"""The latent proxy reward model (LRM) of RG-LCD (Li et al. 2024): R(z, c) = s cos(img(z), txt(c)), scored on
+"""The latent proxy reward model (LRM) of RG-LCD (Li et al. 2024): R(z, c) = cos(img(z), txt(c)), scored on
 latents so the student never sees the expert's gradients (which, for ImageReward, produce high-frequency
 noise when optimised directly).
 
 RG-LCD's LRM is a latent CLIP (a 4-channel latent ViT image tower and ViT-H's text tower) initialised from a
 pretrained latent CLIP that has no public weights. Here the towers are small and trained from scratch: an
 MLP (latents of at most 8x8) or a strided conv net (larger latents) for the image, a class embedding (class
-labels) or a linear map of the mean text embedding (prompts) for the condition; s = exp(learnable log-scale).
+labels) or a linear map of the mean text embedding (prompts) for the condition. The preference logits are
+s cos with s = exp(learnable log-scale), CLIP's logit scale; the student's reward is the cosine alone.
 
 Training (after every student step): for the triplet {student f, LCD target, real latent}, the expert's
 rewards are pair logits and each of the 3 pairs adds KL(softmax(expert pair) || softmax(LRM pair)).
@@ -47,10 +48,14 @@ class LatentRewardModel(nn.Module):
             cond = torch.zeros(batch, dtype=torch.long, device=device)
         return self.classes(cond.long())
 
-    def forward(self, z: torch.Tensor, cond=None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, cond=None, scaled: bool = True) -> torch.Tensor:
+        """s cos(img(z), txt(c)): the preference logits the pairwise KL trains (scaled), or the bare cosine in
+        [-1, 1] that the student maximises (scaled=False; RG-LCD's reward is the cosine, the CLIP logit scale
+        only sharpens the preferences)."""
         img = nn.functional.normalize(self.image(z.float()), dim=-1)
         txt = nn.functional.normalize(self.condition(cond, len(z), z.device), dim=-1)
-        return self.log_scale.exp() * (img * txt).sum(-1)
+        cos = (img * txt).sum(-1)
+        return self.log_scale.exp() * cos if scaled else cos
 
 
 def build_lrm(latent_shape, num_classes: int, width: int = 512, cond_dim: Optional[int] = None):
