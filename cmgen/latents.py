@@ -1,11 +1,16 @@
-"""Latent data for latent consistency training (Dao et al. 2025): a VAE codec and a cache of an
-image dataset encoded once.
+"""Latent data for latent consistency training (Dao et al. 2025) and latent consistency distillation: a VAE
+codec and a cache of an image dataset encoded once.
 
 The cache stores posterior *samples* of a diffusers `AutoencoderKL` (not the means), one per image
-and, with `hflip`, one per flipped image, plus per-element mean/std maps over the whole set. Models
-see x = sigma_d (z - mean) / std, so every latent element has std sigma_d = 0.5 (the reference
-code's normalisation; the VAE's scaling factor cancels out), and decode with
-vae.decode(x std / sigma_d + mean).
+and, with `hflip`, one per flipped image, in one of two scalings:
+- `normalised` (latent CT's): per-element mean/std maps over the whole set; models see
+  x = sigma_d (z - mean) / std, so every latent element has std sigma_d = 0.5 (the VAE's scaling factor
+  cancels out), and decode with vae.decode(x std / sigma_d + mean);
+- `sd` (Stable Diffusion's, diffusers' training scripts): the stored latents are
+  (z - shift_factor) * scaling_factor of the VAE's config (shift 0 when it has none), what an SD UNet was
+  trained on; decoded with vae.decode(x / scaling_factor + shift_factor).
+A captioned image folder (metadata.jsonl or NAME.txt captions) stores its captions beside the latents:
+label i of the cache means captions[i].
 
 Layout of a cache folder:
   cache.json              what made it: VAE (source and a hash of its config and weights), dataset
@@ -13,8 +18,9 @@ Layout of a cache folder:
                           sentence when a later call names anything else
   part-NNNNN.safetensors  latents of images [k * CHUNK, (k + 1) * CHUNK), written atomically; an
                           interrupted encode resumes at the first missing part
-  latents.safetensors     all latents, labels, and the mean/std maps (written last: its presence
-                          means complete)
+  captions.json           the captions of a captioned folder (a JSON list; label i means caption i)
+  latents.safetensors     all latents, labels, and (normalised) the mean/std maps (written last: its
+                          presence means complete)
 """
 from __future__ import annotations
 
@@ -34,20 +40,33 @@ LATENT_STD = 0.5  # models see latents normalised to this per-element std (sigma
 CHUNK = 1024
 META = "cache.json"
 FINAL = "latents.safetensors"
+CAPTIONS = "captions.json"
+SCALINGS = ("normalised", "sd")
 
 
 # ----------------------------------------------------------------------------- the codec
 
 class LatentCodec:
-    """Normalised latents <-> images through a frozen VAE and the cache's per-element statistics."""
+    """Model-space latents <-> images through a frozen VAE: `normalised` through the cache's per-element
+    statistics, `sd` through the VAE's scaling_factor and shift_factor (`LatentCodec.sd`)."""
 
     def __init__(self, vae, mean: torch.Tensor, std: torch.Tensor, sigma_data: float = LATENT_STD,
-                 image_shape: Optional[tuple] = None):
+                 image_shape: Optional[tuple] = None, scaling: str = "normalised"):
         self.vae = vae.eval().requires_grad_(False)
         self.mean, self.std, self.sigma_data = mean.float(), std.float(), float(sigma_data)
+        self.scaling = scaling
+        self.scaling_factor, self.shift_factor = sd_factors(vae)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_shape = tuple(image_shape) if image_shape else (
             vae.config.out_channels, mean.shape[-2] * factor, mean.shape[-1] * factor)
+
+    @classmethod
+    def sd(cls, vae, shape, image_shape: Optional[tuple] = None) -> "LatentCodec":
+        """Stable Diffusion's scaling. Its mean/std are the equivalent constant maps (shift, sigma_d / scale),
+        what an exported pipeline's latent statistics hold."""
+        scale, shift = sd_factors(vae)
+        return cls(vae, torch.full(tuple(shape), shift), torch.full(tuple(shape), LATENT_STD / scale),
+                   image_shape=image_shape, scaling="sd")
 
     def to(self, device) -> "LatentCodec":
         self.vae.to(device)
@@ -55,21 +74,34 @@ class LatentCodec:
         return self
 
     def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents -> model space."""
+        if self.scaling == "sd":
+            return (z.float() - self.shift_factor) * self.scaling_factor
         return self.sigma_data * (z.float() - self.mean) / self.std
 
     def denormalise(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scaling == "sd":
+            return x.float() / self.scaling_factor + self.shift_factor
         return x.float() * self.std / self.sigma_data + self.mean
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Images in [-1, 1] -> normalised latents (posterior samples)."""
+        """Images in [-1, 1] -> model-space latents (posterior samples)."""
         return self.normalise(posterior_sample(self.vae, images, generator))
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised latents -> images in [-1, 1]."""
+        """Model-space latents -> images in [-1, 1]."""
         z = self.denormalise(x).to(next(self.vae.parameters()).dtype)
         return self.vae.decode(z).sample.float().clamp(-1, 1)
+
+
+def sd_factors(vae) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) of a VAE's config (diffusers' defaults 0.18215 and 0 when unset)."""
+    cfg = vae.config
+    scale = getattr(cfg, "scaling_factor", None)
+    shift = getattr(cfg, "shift_factor", None)
+    return float(0.18215 if scale is None else scale), float(shift or 0.0)
 
 
 def posterior_sample(vae, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -91,6 +123,7 @@ class CacheSpec:
     resolution: int
     hflip: bool
     seed: int
+    scaling: str = "normalised"     # normalised | sd (see the module docstring)
 
     def to_json(self) -> dict:
         return {"version": CACHE_VERSION, **self.__dict__}
@@ -105,8 +138,12 @@ def vae_fingerprint(vae) -> str:
     return h.hexdigest()[:16]
 
 
-def tensor_fingerprint(x: torch.Tensor) -> str:
-    return hashlib.sha256(x.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+def tensor_fingerprint(x: torch.Tensor, texts: Optional[list] = None) -> str:
+    """sha256 over a tensor's values (and, for a captioned dataset, its captions)."""
+    h = hashlib.sha256(x.detach().float().cpu().contiguous().numpy().tobytes())
+    if texts is not None:
+        h.update(json.dumps(list(texts)).encode())
+    return h.hexdigest()[:16]
 
 
 def _check_spec(folder: Path, spec: CacheSpec) -> None:
@@ -118,12 +155,13 @@ def _check_spec(folder: Path, spec: CacheSpec) -> None:
     except (OSError, json.JSONDecodeError):
         raise UserError(f"latent cache '{folder}' has an unreadable {META}; delete the folder or pass a new --out") \
             from None
+    old = {"scaling": "normalised", **old}   # caches from before the sd scaling
     for key, value in spec.to_json().items():
         if old.get(key) != value:
             what = {"vae_source": "another VAE", "vae_hash": "another VAE (weights differ)",
-                    "dataset": "another dataset", "dataset_hash": "another dataset (its images differ)",
+                    "dataset": "another dataset", "dataset_hash": "another dataset (its images or captions differ)",
                     "resolution": "another resolution", "hflip": "another data.hflip", "seed": "another seed",
-                    "version": "another cmgen cache version"}[key]
+                    "scaling": "another --scaling", "version": "another cmgen cache version"}[key]
             raise UserError(f"latent cache '{folder}' was made with {what} ({key} {old.get(key)!r}, now {value!r}); "
                             "pass a new --out or delete that folder")
 
@@ -137,8 +175,12 @@ def _atomic_save(tensors: dict, path: Path, metadata: Optional[dict] = None) -> 
 
 
 def encode_dataset(images: torch.Tensor, labels: Optional[torch.Tensor], vae, out, *, spec: CacheSpec,
-                   batch_size: int = 64, device="cpu", progress: bool = True, num_classes: int = 0) -> Path:
-    """Encode `images` ([N, C, H, W] in [-1, 1]) into the cache folder `out`; resumes a partial one."""
+                   batch_size: int = 64, device="cpu", progress: bool = True, num_classes: int = 0,
+                   captions: Optional[list] = None) -> Path:
+    """Encode `images` ([N, C, H, W] in [-1, 1]) into the cache folder `out`; resumes a partial one. With
+    `captions` (one per image; label i means captions[i]) they are stored beside the latents."""
+    if spec.scaling not in SCALINGS:
+        raise UserError(f"--scaling must be {' or '.join(SCALINGS)}, got '{spec.scaling}'")
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
@@ -152,6 +194,7 @@ def encode_dataset(images: torch.Tensor, labels: Optional[torch.Tensor], vae, ou
     except OSError as exc:
         raise UserError(f"--out '{folder}' cannot be written ({exc.strerror or exc}); choose another folder") from None
     vae = vae.to(device).eval()
+    scale, shift = sd_factors(vae)
     n = len(images)
     parts = []
     bar = tqdm(total=n * (2 if spec.hflip else 1), desc="encoding latents", unit="img", disable=not progress)
@@ -170,7 +213,8 @@ def encode_dataset(images: torch.Tensor, labels: Optional[torch.Tensor], vae, ou
             for b in range(start, start + count, batch_size):
                 x = images[b:min(b + batch_size, start + count)].to(device)
                 with torch.no_grad():
-                    zs.append(posterior_sample(vae, x.flip(3) if flip else x, g).cpu())
+                    z = posterior_sample(vae, x.flip(3) if flip else x, g)
+                    zs.append(((z - shift) * scale if spec.scaling == "sd" else z).cpu())
                 bar.update(len(x))
             out_chunk["flip" if flip else "latents"] = torch.cat(zs)
         _atomic_save(out_chunk, path)
@@ -179,12 +223,20 @@ def encode_dataset(images: torch.Tensor, labels: Optional[torch.Tensor], vae, ou
     z = torch.cat([c["latents"] for c in chunks])
     if spec.hflip:
         z = torch.cat([z, torch.cat([c["flip"] for c in chunks])])
-    mean, std = z.mean(0), z.std(0).clamp(min=1e-6)  # per-element maps over the whole set
-    final = {"latents": z, "mean": mean, "std": std}
+    final = {"latents": z}
+    if spec.scaling == "normalised":  # per-element maps over the whole set
+        final |= {"mean": z.mean(0), "std": z.std(0).clamp(min=1e-6)}
     if labels is not None:
         final["labels"] = torch.cat([labels, labels]) if spec.hflip else labels.clone()
+    if captions is not None:
+        if labels is None or len(captions) != n:
+            raise ValueError("captions need one entry per image and labels indexing them")
+        tmp = folder / f".{CAPTIONS}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(list(captions), ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, folder / CAPTIONS)
     _atomic_save(final, folder / FINAL, metadata={"n_images": str(n), "num_classes": str(num_classes),
-                                                  "image_shape": json.dumps(list(images.shape[1:]))})
+                                                  "image_shape": json.dumps(list(images.shape[1:])),
+                                                  "scaling": spec.scaling})
     for p in parts:
         p.unlink(missing_ok=True)
     return folder
@@ -194,36 +246,65 @@ def encode_dataset(images: torch.Tensor, labels: Optional[torch.Tensor], vae, ou
 class LatentCache:
     folder: Path
     spec: dict
-    latents: torch.Tensor           # raw posterior samples [M, C, h, w]
+    latents: torch.Tensor           # normalised: raw posterior samples; sd: samples in SD's scaling [M, C, h, w]
     labels: Optional[torch.Tensor]
-    mean: torch.Tensor
-    std: torch.Tensor
+    mean: Optional[torch.Tensor]    # normalised only: the per-element maps
+    std: Optional[torch.Tensor]
     num_classes: int
     image_shape: tuple[int, ...]
+    scaling: str = "normalised"
+    captions: Optional[list] = None  # label i means captions[i] (a captioned folder)
+
+    def model_latents(self) -> torch.Tensor:
+        """What models see: per-element std LATENT_STD (normalised) or the stored SD-scaled latents (sd)."""
+        if self.scaling == "sd":
+            return self.latents
+        return LATENT_STD * (self.latents - self.mean) / self.std
 
 
-def read_cache(folder) -> LatentCache:
-    from safetensors.torch import load_file
-
+def _complete(folder) -> Path:
     folder = Path(folder)
     if not (folder / META).is_file():
         raise UserError(f"'{folder}' is not a latent cache (no {META}); make one with `cmgen latents encode`")
     if not (folder / FINAL).is_file():
         raise UserError(f"latent cache '{folder}' is incomplete; run the same `cmgen latents encode` again to "
                         "finish it")
-    from safetensors import safe_open
+    return folder
 
-    spec = json.loads((folder / META).read_text())
+
+def read_spec(folder) -> dict:
+    """The cache.json of a complete cache."""
+    return json.loads((_complete(folder) / META).read_text())
+
+
+def cache_scaling(folder) -> str:
+    """The scaling of a complete cache (caches made before the sd scaling: normalised)."""
+    return read_spec(folder).get("scaling", "normalised")
+
+
+def read_captions(folder) -> Optional[list]:
+    """The captions of a complete cache (label i means caption i), or None for a cache without them."""
+    path = _complete(folder) / CAPTIONS
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def read_cache(folder) -> LatentCache:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    folder = _complete(folder)
+    spec = read_spec(folder)
     with safe_open(str(folder / FINAL), "pt") as f:
         meta = f.metadata() or {}
     t = load_file(str(folder / FINAL))
-    return LatentCache(folder, spec, t["latents"], t.get("labels"), t["mean"], t["std"],
-                       int(meta.get("num_classes", 0)), tuple(json.loads(meta.get("image_shape", "[]"))))
+    return LatentCache(folder, spec, t["latents"], t.get("labels"), t.get("mean"), t.get("std"),
+                       int(meta.get("num_classes", 0)), tuple(json.loads(meta.get("image_shape", "[]"))),
+                       spec.get("scaling", "normalised"), read_captions(folder))
 
 
 def codec_for(recipe, smoke: bool = False) -> LatentCodec:
-    """The codec of a latent recipe: the VAE its cache was made with and the cache's statistics. Without
-    a cache (`--smoke`), a tiny 8x-downsampling VAE built from a config with unit statistics."""
+    """The codec of a latent recipe: the VAE its cache was made with and the cache's scaling (statistics).
+    Without a cache (`--smoke`), a tiny 8x-downsampling VAE built from a config with unit statistics."""
     from cmgen.data import shape_of
     from cmgen.pretrained import load_vae
 
@@ -236,6 +317,8 @@ def codec_for(recipe, smoke: bool = False) -> LatentCodec:
         return LatentCodec(tiny_vae(recipe.data.channels, shape[0]), torch.zeros(shape), torch.ones(shape))
     c = read_cache(path)
     vae = load_vae(c.spec["vae_source"], what=f"the VAE of latent cache '{c.folder}'")
+    if c.scaling == "sd":
+        return LatentCodec.sd(vae, c.latents.shape[1:], image_shape=c.image_shape or None)
     return LatentCodec(vae, c.mean, c.std, image_shape=c.image_shape or None)
 
 

@@ -1,4 +1,6 @@
-"""`cmgen latents encode DATA --vae VAE --out CACHE`: encode an image dataset once into a latent cache."""
+"""`cmgen latents encode DATA --vae VAE --out CACHE [--scaling sd]`: encode an image dataset once into a latent
+cache (latent CT's per-element normalisation, or Stable Diffusion's scaling for SD teachers; a captioned folder's
+captions travel with it)."""
 from __future__ import annotations
 
 import argparse
@@ -12,13 +14,17 @@ def add_parser(subparsers) -> None:
     sub = lat.add_subparsers(dest="latents_command", metavar="ACTION", required=True)
     e = sub.add_parser("encode", help="encode an image dataset with a VAE into a cache (resumable)")
     e.add_argument("data", metavar="DATA", help="digits, cifar10 (torchvision root with --data-root), or a folder of "
-                   "images (one sub-folder per class for labels)")
+                   "images: captioned (metadata.jsonl with file_name and text per line, or NAME.txt beside each "
+                   "image) or one sub-folder per class for labels")
     e.add_argument("--vae", required=True, help="AutoencoderKL folder, pipeline folder with vae/, or a cached hub "
                    "id such as stabilityai/sd-vae-ft-ema")
     e.add_argument("--out", required=True, metavar="CACHE", help="cache folder (re-running resumes it)")
     e.add_argument("--resolution", type=int, default=None, help="folder images: resize to this side length")
     e.add_argument("--data-root", default=None, help="cifar10: torchvision root holding cifar-10-batches-py")
     e.add_argument("--hflip", action="store_true", help="also store latents of the horizontally flipped images")
+    e.add_argument("--scaling", choices=("normalised", "sd"), default="normalised",
+                   help="normalised: per-element std 0.5 (latent CT, default); sd: latents times the VAE's "
+                   "scaling_factor (minus its shift_factor), what a Stable Diffusion teacher expects (LCD, RG-LCD)")
     e.add_argument("--seed", type=int, default=0, help="seed of the posterior samples (default 0)")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
@@ -73,7 +79,7 @@ def cmd_train_vae(args) -> int:
 
 
 def _dataset(args):
-    from cmgen.data import cifar10, image_folder, load_digits
+    from cmgen.data import captioned_folder, cifar10, image_folder, is_captioned, load_digits
 
     if args.data == "digits":
         return load_digits(), "digits"
@@ -82,13 +88,15 @@ def _dataset(args):
     path = Path(args.data).expanduser()
     if not path.is_dir():
         raise UserError(f"DATA '{args.data}' is not digits, cifar10 or an existing folder of images; fix the path")
+    if is_captioned(path):
+        return captioned_folder(str(path), args.resolution), f"folder:{path.resolve()}"
     return image_folder(str(path), args.resolution), f"folder:{path.resolve()}"
 
 
 def cmd_encode(args) -> int:
     import torch
 
-    from cmgen.latents import CacheSpec, encode_dataset, read_cache, tensor_fingerprint, vae_fingerprint
+    from cmgen.latents import CacheSpec, encode_dataset, read_cache, sd_factors, tensor_fingerprint, vae_fingerprint
     from cmgen.pretrained import load_vae
     from cmgen.train import configure_threads
 
@@ -102,14 +110,20 @@ def cmd_encode(args) -> int:
                         f"{ds.shape[0]} channels; pass a VAE made for these images")
     local = Path(args.vae).expanduser()
     source = str(local.resolve()) if local.exists() else args.vae  # runs find the VAE from anywhere
+    captions = getattr(ds, "captions", None)
     spec = CacheSpec(vae_source=source, vae_hash=vae_fingerprint(vae), dataset=name,
-                     dataset_hash=tensor_fingerprint(ds.x), resolution=int(ds.shape[-1]), hflip=bool(args.hflip),
-                     seed=int(args.seed))
+                     dataset_hash=tensor_fingerprint(ds.x, captions), resolution=int(ds.shape[-1]),
+                     hflip=bool(args.hflip), seed=int(args.seed), scaling=args.scaling)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     folder = encode_dataset(ds.x, ds.labels, vae, args.out, spec=spec, batch_size=args.batch_size, device=device,
-                            progress=not args.no_progress, num_classes=ds.num_classes)
+                            progress=not args.no_progress, num_classes=ds.num_classes, captions=captions)
     cache = read_cache(folder)
+    if cache.scaling == "sd":
+        scaling = (f"Stable Diffusion scaling (x {sd_factors(vae)[0]:g}), latent std "
+                   f"{cache.latents.std():.3g}")
+    else:
+        scaling = f"per-element mean/std maps, latent std range {cache.std.min():.3g}..{cache.std.max():.3g}"
     print(f"cmgen: latent cache {folder}: {len(cache.latents)} latents of shape {list(cache.latents.shape[1:])} "
-          f"from {len(ds)} images of {name}{' (+ flips)' if args.hflip else ''}; per-element mean/std maps, "
-          f"latent std range {cache.std.min():.3g}..{cache.std.max():.3g}")
+          f"from {len(ds)} images of {name}{' (+ flips)' if args.hflip else ''}"
+          f"{' with captions' if cache.captions is not None else ''}; {scaling}")
     return 0

@@ -148,17 +148,20 @@ class CMGenPipeline(DiffusionPipeline):
 
 class LatentStatistics(ModelMixin, ConfigMixin):
     """The per-element mean/std maps of a latent model's training latents: the model sees
-    x = sigma_data (z - mean) / std (cmgen.latents), so decoding needs them beside the VAE."""
+    x = sigma_data (z - mean) / std (cmgen.latents), so decoding needs them beside the VAE. With
+    `scaling: sd` the model saw Stable Diffusion's (z - shift) * scaling_factor and decoding uses the VAE's
+    factors (the maps then hold the equivalent constants)."""
 
     @register_to_config
-    def __init__(self, shape: Sequence[int] = (4, 32, 32), sigma_data: float = 0.5):
+    def __init__(self, shape: Sequence[int] = (4, 32, 32), sigma_data: float = 0.5, scaling: str = "normalised"):
         super().__init__()
         self.register_buffer("mean", torch.zeros(tuple(shape)))
         self.register_buffer("std", torch.ones(tuple(shape)))
 
     @classmethod
     def from_codec(cls, codec) -> "LatentStatistics":
-        stats = cls(shape=list(codec.mean.shape), sigma_data=codec.sigma_data)
+        stats = cls(shape=list(codec.mean.shape), sigma_data=codec.sigma_data,
+                    scaling=getattr(codec, "scaling", "normalised"))
         stats.mean.copy_(codec.mean)
         stats.std.copy_(codec.std)
         return stats
@@ -166,7 +169,8 @@ class LatentStatistics(ModelMixin, ConfigMixin):
     def codec(self, vae, image_shape=None):
         from cmgen.latents import LatentCodec
 
-        return LatentCodec(vae, self.mean, self.std, self.config.sigma_data, image_shape=image_shape)
+        return LatentCodec(vae, self.mean, self.std, self.config.sigma_data, image_shape=image_shape,
+                           scaling=getattr(self.config, "scaling", "normalised"))
 
 
 class CMGenLatentPipeline(CMGenPipeline):

@@ -94,7 +94,8 @@ def test_a_cache_made_otherwise_is_refused_in_one_sentence(cache, vae_dir, tmp_p
     tiny_vae(seed=1).save_pretrained(other, safe_serialization=True)
     for extra, needle in ((["--vae", str(other)], "another VAE"), (["--vae", str(vae_dir), "--seed", "3"],
                                                                     "another seed"),
-                          (["--vae", str(vae_dir), "--hflip"], "another data.hflip")):
+                          (["--vae", str(vae_dir), "--hflip"], "another data.hflip"),
+                          (["--vae", str(vae_dir), "--scaling", "sd"], "another --scaling")):
         assert cli(["latents", "encode", "digits", "--out", str(cache)] + extra + FAST) == 2
         err = capsys.readouterr().err
         assert needle in err and "pass a new --out" in err and err.count("\n") == 1
@@ -225,3 +226,65 @@ def test_latent_export_holds_vae_unet_scheduler_and_statistics_and_equals_cmgen_
     assert theirs.shape == (5, 1, 8, 8) and ours.std() > 0.01
     assert (ours - theirs).abs().max().item() <= 1e-5
     assert torch.allclose(_sample_npz(folder, steps, 5, tmp_path), ours * 2 - 1, atol=1e-6, rtol=0)
+
+
+def _images(folder, names):
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), 40, np.uint8)).save(folder / name)
+
+
+def test_captioned_folder_reads_metadata_jsonl_then_txt_and_refuses_gaps_in_one_sentence(tmp_path, capsys):
+    from cmgen.data import captioned_folder, is_captioned
+
+    root = tmp_path / "cap"
+    _images(root, ["a.png", "sub/b.png", "c.jpg"])
+    (root / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "an apple"}\n\n'
+                                         '{"file_name": "sub/b.png", "text": "a bee", "extra": 1}\n')
+    assert is_captioned(root) and not is_captioned(tmp_path / "nothing")
+    with pytest.raises(UserError, match="image 'c.jpg' .* has no caption; add the line") as err:
+        captioned_folder(str(root), None)
+    assert "\n" not in str(err.value) and "c.txt" in str(err.value)
+    (root / "c.txt").write_text("a cat\n")
+    ds = captioned_folder(str(root), None)
+    assert ds.captions == ["an apple", "a cat", "a bee"] and torch.equal(ds.labels, torch.arange(3))
+    assert ds.x.shape == (3, 3, 8, 8) and ds.num_classes == 3
+    with (root / "metadata.jsonl").open("a") as f:
+        f.write('{"file_name": "gone.png", "text": "lost"}\n')
+    with pytest.raises(UserError, match="line 4 names 'gone.png', which is not a file"):
+        captioned_folder(str(root), None)
+    (root / "metadata.jsonl").write_text('{"file_name": "a.png"}\n')
+    with pytest.raises(UserError, match="line 1 is not a JSON object with 'file_name' and 'text'"):
+        captioned_folder(str(root), None)
+    (tmp_path / "empty").mkdir()
+    assert cli(["latents", "encode", str(tmp_path / "empty"), "--vae", "x", "--out", str(tmp_path / "o")] + FAST) == 2
+    assert "holds no images" in capsys.readouterr().err
+
+
+def test_sd_scaling_subtracts_the_shift_factor_and_the_codec_inverts_it(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from cmgen.latents import CacheSpec, LatentCodec, encode_dataset, posterior_sample, read_cache
+    from cmgen.pipelines import LatentStatistics
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, scaling_factor=0.5, shift_factor=0.25).eval()
+    x = torch.rand(5, 1, 8, 8) * 2 - 1
+    spec = CacheSpec("v", "h", "d", "dh", 8, False, 2, scaling="sd")
+    c = read_cache(encode_dataset(x, None, vae, tmp_path / "sd", spec=spec, progress=False))
+    with torch.no_grad():
+        z = posterior_sample(vae, x, torch.Generator().manual_seed(2 * 1_000_003))
+    assert c.scaling == "sd" and torch.allclose(c.latents, (z - 0.25) * 0.5, atol=1e-6)
+    assert torch.equal(c.model_latents(), c.latents)
+    codec = LatentCodec.sd(vae, c.latents.shape[1:])
+    with torch.no_grad():
+        direct = vae.decode(z).sample.clamp(-1, 1)
+    assert torch.allclose(codec.decode(c.latents), direct, atol=1e-5)
+    exported = LatentStatistics.from_codec(codec).codec(vae)      # what an exported pipeline decodes with
+    assert exported.scaling == "sd" and torch.allclose(exported.decode(c.latents), direct, atol=1e-5)

@@ -89,3 +89,124 @@ def test_weight_backed_reward_without_weights_is_one_sentence(tiny_sd, tmp_path,
     with pytest.raises(UserError) as err:
         _trainer(tiny_sd, tmp_path)   # the recipe's reward: hpsv2.1
     assert "CMGEN_HPSV21" in str(err.value) and "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- captioned caches in SD's scaling
+
+FAST = ["--threads", "1", "--no-progress", "--device", "cpu"]
+
+
+def captioned_folder(root, n=6, size=64):
+    """`n` random RGB images with captions: metadata.jsonl for all but the last, whose caption is NAME.txt."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    captions = [f"caption number {i}" for i in range(n - 1)] + ["a caption from a text file"]
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"img{i}.png", "text": captions[i]}) + "\n"
+                                                 for i in range(n - 1)))
+    (root / f"img{n - 1}.txt").write_text(captions[-1] + "\n")
+    return root, captions
+
+
+@pytest.fixture(scope="module")
+def sd_cache(tiny_sd, tmp_path_factory):
+    from cmgen.cli import main as cli
+
+    tmp = tmp_path_factory.mktemp("captioned")
+    folder, captions = captioned_folder(tmp / "images")
+    out = tmp / "cache"
+    assert cli(["latents", "encode", str(folder), "--vae", str(tiny_sd), "--out", str(out), "--scaling", "sd",
+                "--batch-size", "4"] + FAST) == 0
+    return folder, captions, out
+
+
+def test_sd_cache_stores_posterior_samples_times_the_scaling_factor_and_the_captions(tiny_sd, sd_cache):
+    import numpy as np
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from cmgen.latents import codec_for, read_cache
+    from cmgen.recipe import load_recipe
+
+    folder, captions, out = sd_cache
+    c = read_cache(out)
+    assert c.scaling == "sd" and c.captions == captions and torch.equal(c.labels, torch.arange(6))
+    assert c.mean is None and c.std is None and c.latents.shape == (6, 4, 8, 8)
+    vae = AutoencoderKL.from_pretrained(str(tiny_sd / "vae")).eval()
+    x = torch.from_numpy(np.stack([np.asarray(Image.open(folder / f"img{i}.png")) for i in range(6)]))
+    x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
+    g = torch.Generator().manual_seed(0)             # seed 0, chunk 0, not flipped; batches of 4
+    with torch.no_grad():
+        want = torch.cat([vae.encode(x[b:b + 4]).latent_dist.sample(generator=g) for b in (0, 4)])
+    want = want * vae.config.scaling_factor
+    assert vae.config.scaling_factor == 0.18215 and torch.allclose(c.latents, want, atol=1e-6)
+    codec = codec_for(load_recipe("rglcd_sd15_hps", [f"data.path={out}"]))
+    assert codec.scaling == "sd"
+    with torch.no_grad():
+        assert torch.allclose(codec.decode(c.latents[:2]), vae.decode(want[:2] / 0.18215).sample.clamp(-1, 1),
+                              atol=1e-5)
+
+
+def test_lcd_from_the_sd_teacher_reads_the_caches_captions(tiny_sd, sd_cache, tmp_path, monkeypatch):
+    """Two LCD steps on the captioned cache: the text encoder sees each batch's captions (never method.prompts)."""
+    import cmgen.sd
+    from cmgen.recipe import load_recipe
+    from cmgen.train import Trainer
+
+    _, captions, cache = sd_cache
+    seen = []
+    encode = cmgen.sd.encode_prompts
+
+    def recording(folder, prompts):
+        seen.append(list(prompts))
+        return encode(folder, prompts)
+
+    monkeypatch.setattr(cmgen.sd, "encode_prompts", recording)
+    over = [f"method.teacher={tiny_sd}", f"data.path={cache}", "method.reward=ink", "train.batch_size=2",
+            "train.mixed_precision=no", "train.threads=1", "train.sample_every=0", "eval.every=0"]
+    tr = Trainer(load_recipe("rglcd_sd15_hps", over), tmp_path / "run", progress=False)
+    assert tr.data.num_classes == 6 and tr.method.captions == captions
+    batch = tr.method.collect([tr._batch(0)], tr.nets, 0, tr.dist)[0]
+    want = [captions[i] for i in tr._rows(0)[1].tolist()]
+    assert batch.extra["prompts"] == want and torch.allclose(batch.labels, encode(tiny_sd, want))
+    for _ in range(2):
+        terms = tr.train_step()
+        assert terms is not None and torch.isfinite(torch.tensor(terms["loss"]))
+    assert seen[0] == [""]                                   # the teacher's null condition, at set-up
+    texts = [p for call in seen[1:] for p in call]
+    assert len(seen) == 4 and len(texts) == 6 and set(texts) <= set(captions)
+    assert not set(texts) & set(tr.recipe.method.prompts)
+
+
+def test_a_normalised_cache_for_the_sd_teacher_is_one_sentence(tiny_sd, sd_cache, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from cmgen.cli import main as cli
+    from cmgen.errors import UserError
+    from cmgen.methods.lcd import check_scaling
+
+    folder, _, sd = sd_cache
+    normalised = tmp_path / "normalised"
+    assert cli(["latents", "encode", str(folder), "--vae", str(tiny_sd), "--out", str(normalised)] + FAST) == 0
+    assert cli(["latents", "encode", str(folder), "--vae", str(tiny_sd), "--out", str(normalised), "--scaling", "sd"]
+               + FAST) == 2
+    assert "another --scaling" in capsys.readouterr().err
+    from cmgen.recipe import load_recipe
+    from cmgen.train import Trainer
+
+    with pytest.raises(UserError) as err:
+        Trainer(load_recipe("rglcd_sd15_hps", [f"method.teacher={tiny_sd}", f"data.path={normalised}",
+                                               "method.reward=ink", "train.batch_size=2", "train.threads=1"]),
+                tmp_path / "run", progress=False)
+    msg = str(err.value)
+    assert "normalised to std 0.5" in msg and "--scaling sd" in msg and "\n" not in msg
+    recipe = SimpleNamespace(data=SimpleNamespace(name="latents", path=str(sd)))   # the reverse: an ldm teacher
+    with pytest.raises(UserError) as err:                                          # trained on normalised latents
+        check_scaling(recipe, "normalised", "the teacher 'runs/ldm'", "runs/vae")
+    assert "Stable Diffusion's scaling" in str(err.value) and "--scaling normalised" in str(err.value)

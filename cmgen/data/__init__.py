@@ -8,6 +8,7 @@ read the rows it names, so there is no hidden global-RNG use.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -160,12 +161,7 @@ def image_folder(path: str, resolution: Optional[int], cache: Optional[str] = No
     folder) keeps the decoded set as a memory-mapped file (cmgen.data.cache) instead of in RAM;
     `workers` threads decode it.
     """
-    root = Path(path)
-    if not root.is_dir():
-        raise UserError(f"recipe key 'data.path': image folder '{path}' does not exist; point it at a folder of images")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
-    if not files:
-        raise UserError(f"recipe key 'data.path': folder '{path}' holds no images ({', '.join(sorted(IMAGE_EXTS))})")
+    root, files = _image_files(path)
     classes = sorted({p.parent.relative_to(root).as_posix() for p in files})
     labels = None
     if len(classes) >= 2:
@@ -174,13 +170,37 @@ def image_folder(path: str, resolution: Optional[int], cache: Optional[str] = No
     ncls = len(classes) if labels is not None else 0
     first = _decode(files[0], resolution)
     shape = (first.shape[2], first.shape[0], first.shape[1])
+    fill = _filler(files, first, resolution, path)
+    if cache:
+        from cmgen.data.cache import cached_images
 
+        images, _, folder = cached_images(root, files, {"kind": "folder", "resolution": resolution}, shape,
+                                          lambda out, w: fill(out, w), setting=cache, workers=workers)
+        return ImageRows(images, labels, ncls, root.name, cache=folder)
+    images = np.empty((len(files), *shape), np.uint8)
+    fill(images, workers)
+    return ImageRows(images, labels, ncls, root.name)
+
+
+def _image_files(path: str, what: str = "recipe key 'data.path'") -> tuple[Path, list[Path]]:
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"{what}: image folder '{path}' does not exist; point it at a folder of images")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise UserError(f"{what}: folder '{path}' holds no images ({', '.join(sorted(IMAGE_EXTS))})")
+    return root, files
+
+
+def _filler(files: list[Path], first: np.ndarray, resolution: Optional[int], path: str):
+    """fill(out, workers): decode every file into the uint8 array out [N, C, H, W] (one size for all)."""
     def fill(out: np.ndarray, workers: int) -> None:
         def one(i: int) -> None:
             a = _decode(files[i], resolution)
             if a.shape != first.shape:
                 raise UserError(f"images in '{path}' differ in size ({files[0].name}: {first.shape[:2]}, "
-                                f"{files[i].name}: {a.shape[:2]}); set data.resolution to resize them")
+                                f"{files[i].name}: {a.shape[:2]}); set data.resolution (or --resolution) to "
+                                "resize them")
             out[i] = a.transpose(2, 0, 1)
 
         if workers > 0:  # PIL decodes and resizes without the GIL: threads scale
@@ -192,15 +212,66 @@ def image_folder(path: str, resolution: Optional[int], cache: Optional[str] = No
             for i in range(len(files)):
                 one(i)
 
-    if cache:
-        from cmgen.data.cache import cached_images
+    return fill
 
-        images, _, folder = cached_images(root, files, {"kind": "folder", "resolution": resolution}, shape,
-                                          lambda out, w: fill(out, w), setting=cache, workers=workers)
-        return ImageRows(images, labels, ncls, root.name, cache=folder)
-    images = np.empty((len(files), *shape), np.uint8)
-    fill(images, workers)
-    return ImageRows(images, labels, ncls, root.name)
+
+# ----------------------------------------------------------------------------- captioned image folders
+
+METADATA = "metadata.jsonl"   # Hugging Face imagefolder: one {"file_name": ..., "text": ...} per line
+
+
+def is_captioned(path) -> bool:
+    """A folder with a metadata.jsonl, or with a caption file NAME.txt beside an image NAME.ext."""
+    root = Path(path)
+    if (root / METADATA).is_file():
+        return True
+    return any(p.with_suffix(".txt").is_file() for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+
+
+def read_captions(path) -> tuple[list[Path], list[str]]:
+    """(image files, one caption each) of a captioned folder: the `text` of the image's metadata.jsonl line
+    (Hugging Face's imagefolder convention, `file_name` relative to the folder), else NAME.txt beside it."""
+    root, files = _image_files(str(path), "DATA")
+    meta, where = {}, root / METADATA
+    if where.is_file():
+        for n, line in enumerate(where.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                name, text = row["file_name"], row["text"]
+            except (ValueError, TypeError, KeyError):
+                raise UserError(f"{where} line {n} is not a JSON object with 'file_name' and 'text'; fix that "
+                                "line") from None
+            image = (root / name).resolve()
+            if not image.is_file():
+                raise UserError(f"{where} line {n} names '{name}', which is not a file in '{root}'; fix the line "
+                                "or add the image")
+            meta[image] = str(text)
+    captions = []
+    for f in files:
+        text = meta.get(f.resolve())
+        if text is None and f.with_suffix(".txt").is_file():
+            text = f.with_suffix(".txt").read_text(encoding="utf-8").strip()
+        if text is None:
+            rel = f.relative_to(root).as_posix()
+            raise UserError(f"image '{rel}' in '{root}' has no caption; add the line "
+                            f"{{\"file_name\": \"{rel}\", \"text\": \"...\"}} to {METADATA} or a file "
+                            f"'{f.with_suffix('.txt').name}' beside it")
+        captions.append(text)
+    return files, captions
+
+
+def captioned_folder(path: str, resolution: Optional[int], workers: int = 0) -> "ImageRows":
+    """A captioned image folder (`read_captions`) as uint8 images; label i is image i, whose caption is
+    `captions[i]` (the attribute the latent cache stores)."""
+    files, captions = read_captions(path)
+    first = _decode(files[0], resolution)
+    images = np.empty((len(files), first.shape[2], first.shape[0], first.shape[1]), np.uint8)
+    _filler(files, first, resolution, path)(images, workers)
+    ds = ImageRows(images, torch.arange(len(files)), len(files), Path(path).name)
+    ds.captions = captions
+    return ds
 
 
 CIFAR10_HINT = ("download 'cifar-10-python.tar.gz' from https://www.cs.toronto.edu/~kriz/cifar.html on a machine "
@@ -280,15 +351,15 @@ def load_dataset(cfg, seed: int = 0) -> tuple[Dataset, Optional[Dataset]]:
 
 
 def latent_dataset(path: Optional[str]) -> Dataset:
-    """A latent cache (cmgen latents encode) as normalised latents: per-element std LATENT_STD."""
-    from cmgen.latents import LATENT_STD, read_cache
+    """A latent cache (cmgen latents encode) as model-space latents: per-element std LATENT_STD (normalised) or
+    Stable Diffusion's scaling (sd)."""
+    from cmgen.latents import read_cache
 
     if not path:
         raise UserError("recipe key 'data.path' must name a latent cache when data.name is latents; make one with "
                         "`cmgen latents encode DATA --vae VAE --out CACHE`")
     c = read_cache(path)
-    x = LATENT_STD * (c.latents - c.mean) / c.std
-    return Dataset(x, c.labels, c.num_classes, "latent", f"latents of {c.spec.get('dataset')}")
+    return Dataset(c.model_latents(), c.labels, c.num_classes, "latent", f"latents of {c.spec.get('dataset')}")
 
 
 def shape_of(cfg) -> tuple[tuple[int, ...], int, str]:

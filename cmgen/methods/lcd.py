@@ -17,6 +17,10 @@ Reward guidance: L = L_LCD - reward_scale * mean R(f), R on the student's one-st
   step; after every model step the LRM takes its own optimizer step on the pairwise KL between the expert's
   and its own preferences over the triplet {f, target, real latent} (the expert may be non-differentiable).
 With reward_scale = 0 no reward is computed: the student's updates are plain LCD's, bit for bit.
+
+Text teachers (a Stable Diffusion pipeline) train on a latent cache in SD's scaling (`cmgen latents encode
+--scaling sd`; a normalised cache is refused in one sentence) and condition each latent on its caption (a
+captioned folder's cache) or, for caches without captions, on method.prompts[label].
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from typing import Optional
 import torch
 
 from cmgen.errors import UserError
+from cmgen.latents import read_captions
 from cmgen.methods.base import Method as BaseMethod
 from cmgen.methods.base import Part, gate
 from cmgen.vp import VPSchedule, add_noise, ddim_step, skip_step_grid
@@ -57,7 +62,7 @@ class Config:
     expert_scale: float = 1.0       # expert reward -> pair logit scale
     lrm_warmup_steps: int = 0       # model steps before the LRM reward enters the student's loss (stand-in
                                     # for RG-LCD's pretrained latent CLIP, which has no public weights)
-    prompts: tuple[str, ...] = ()   # text teachers: class label k of the latent cache means prompt k
+    prompts: tuple[str, ...] = ()   # text teachers, caches without captions: class label k means prompt k
 
     def problems(self):
         if not self.teacher:
@@ -152,9 +157,12 @@ class Method(BaseMethod):
     def __init__(self, cfg: Config, recipe, gen):
         super().__init__(cfg, recipe, gen)
         self.teacher, self.null_cond = load_teacher(cfg, gen)
-        if self.null_cond is not None and self.null_cond.is_floating_point() and not cfg.prompts:
-            raise UserError("recipe key 'method.prompts' must list the prompts (class label k -> prompt k) for a "
-                            "Stable Diffusion teacher")
+        cache = latent_cache_of(recipe)
+        self.captions = None if cache is None else read_captions(cache)   # label i of the cache means caption i
+        if self.text and not cfg.prompts and self.captions is None:
+            raise UserError("a Stable Diffusion teacher needs captions: set data.path to a cache of a captioned "
+                            "folder (cmgen latents encode FOLDER --scaling sd) or list recipe key 'method.prompts' "
+                            "(class label k -> prompt k)")
         self._check_teacher()
         unet = gen.net.backbone.unet
         try:
@@ -179,8 +187,13 @@ class Method(BaseMethod):
             self.expert = build_reward(cfg.reward, target_class=cfg.target_class, differentiable=False)
             self.lrm = build_lrm(gen.shape, gen.num_classes, cfg.lrm_width, cond_dim=self._cond_dim())
 
+    @property
+    def text(self) -> bool:
+        """A text teacher (Stable Diffusion): conditions are prompt embeddings."""
+        return self.null_cond is not None and self.null_cond.is_floating_point()
+
     def _cond_dim(self):
-        return None if self.null_cond is None or not self.null_cond.is_floating_point() else self.null_cond.shape[-1]
+        return self.null_cond.shape[-1] if self.text else None
 
     def _check_teacher(self):
         t, c = self.teacher, self.cfg
@@ -205,19 +218,25 @@ class Method(BaseMethod):
         return ("model", "lrm") if self.lrm is not None else ("model",)
 
     # ------------------------------------------------------------------ the losses
+    def prompts_of(self, labels: torch.Tensor) -> list[str]:
+        """Each label's text: its caption in the latent cache, else method.prompts[label % len(prompts)]."""
+        idx = labels.long().cpu().tolist()
+        if self.captions is not None:
+            return [self.captions[i] for i in idx]
+        return [self.cfg.prompts[i % len(self.cfg.prompts)] for i in idx]
+
     @torch.no_grad()
     def collect(self, batches, nets, step, dist):
-        """Text teachers: each class label becomes its prompt's text-encoder embeddings (and the prompt, for
-        the rewards)."""
-        if not self.cfg.prompts or self.null_cond is None or not self.null_cond.is_floating_point():
+        """Text teachers: each label becomes its caption's (or prompt's) text-encoder embeddings, and the text
+        stays in the batch for the rewards."""
+        if not self.text:
             return batches
         from cmgen.sd import encode_prompts
 
         folder = pipeline_folder(self.cfg.teacher)
         out = []
         for b in batches:
-            idx = b.labels.long().cpu() % len(self.cfg.prompts)
-            prompts = [self.cfg.prompts[i] for i in idx.tolist()]
+            prompts = self.prompts_of(b.labels)
             b.extra["prompts"] = prompts
             out.append(dataclasses.replace(b, labels=encode_prompts(folder, prompts).to(b.x.device)))
         return out
@@ -298,6 +317,32 @@ class Method(BaseMethod):
         return {"loss": loss, "agree": agree, "expert": expert[:, 0].mean() / self.cfg.expert_scale}
 
 
+def latent_cache_of(recipe) -> Optional[Path]:
+    """The complete latent cache a recipe trains on, or None (--smoke without one, or other data)."""
+    from cmgen.latents import FINAL
+
+    path = recipe.data.path
+    if recipe.data.name != "latents" or not path or not (Path(path) / FINAL).is_file():
+        return None
+    return Path(path)
+
+
+SCALING_WORDS = {"normalised": "normalised to std 0.5 per element (latent CT's convention)",
+                 "sd": "in Stable Diffusion's scaling (VAE latents times its scaling_factor)"}
+
+
+def check_scaling(recipe, expected: str, teacher: str, vae: str) -> None:
+    """One sentence when the recipe's latent cache is not in the scaling (`expected`) its teacher works in."""
+    from cmgen.latents import cache_scaling
+
+    cache = latent_cache_of(recipe)
+    if cache is None or (have := cache_scaling(cache)) == expected:
+        return
+    raise UserError(f"latent cache '{cache}' is {SCALING_WORDS[have]}, but {teacher} expects latents "
+                    f"{SCALING_WORDS[expected]}; re-encode with `cmgen latents encode DATA --vae {vae} --scaling "
+                    f"{expected} --out NEW_CACHE` and set data.path to it")
+
+
 def load_teacher(cfg: Config, gen):
     """(frozen NoisePredictor, null condition): an ldm run (EMA weights; the null label) or a Stable Diffusion
     pipeline (its UNet and scheduler constants; the empty prompt's embeddings)."""
@@ -315,6 +360,12 @@ def load_teacher(cfg: Config, gen):
         if tg.parameterisation != "ldm":
             raise UserError(f"recipe key 'method.teacher' ('{cfg.teacher}') is a {tg.parameterisation} run; "
                             "LCD distils an ldm teacher (cmgen train ldm_digits)")
+        own = latent_cache_of(tg.recipe)
+        if own is not None:   # the teacher's latents: the scaling and VAE of the cache it was trained on
+            from cmgen.latents import cache_scaling, read_spec
+
+            check_scaling(gen.recipe, cache_scaling(own), f"the teacher '{cfg.teacher}' (trained on '{own}')",
+                          read_spec(own).get("vae_source", "VAE"))
         if gen.conditional and tg.null_label is None:
             raise UserError(f"the teacher '{cfg.teacher}' was trained without method.label_dropout; guided "
                             "distillation needs its null label")
@@ -322,4 +373,5 @@ def load_teacher(cfg: Config, gen):
         return tg.net.eval().requires_grad_(False), null
     from cmgen.sd import load_sd_teacher
 
+    check_scaling(gen.recipe, "sd", f"the Stable Diffusion teacher '{cfg.teacher}'", cfg.teacher)
     return load_sd_teacher(pipeline_folder(cfg.teacher))
