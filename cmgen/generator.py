@@ -141,12 +141,21 @@ class Generator:
             raise UserError(f"--cfg {guidance:g} needs a class-conditional model trained with method.label_dropout > 0; "
                             "this one was not, use --cfg 1")
 
+    def condition(self, labels: Optional[torch.Tensor]):
+        """What the network is conditioned on for `labels`: the labels themselves, unless the method maps them
+        (a text LCD student: each label's caption or prompt through the teacher's text encoder)."""
+        from cmgen.methods import method_class
+
+        hook = getattr(method_class(self.recipe), "sample_condition", None)
+        return labels if hook is None or labels is None else hook(self.recipe, labels)
+
     def sample(self, noise, times: Sequence[float], *, sampler: Optional[str] = None,
                labels: Optional[torch.Tensor] = None, guidance: float = 1.0, **options) -> torch.Tensor:
         """Samples in data space from `noise(k)` (cmgen.sampling.per_image_noise) over `times`."""
         from cmgen.sampling.registry import guided
 
         self.check_guidance(guidance)
+        labels = self.condition(labels)
         if getattr(self.net, "embeds_guidance", False):
             net, options = self.net, {**options, "guidance": guidance}
         else:

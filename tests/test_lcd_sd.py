@@ -154,7 +154,8 @@ def test_sd_cache_stores_posterior_samples_times_the_scaling_factor_and_the_capt
 
 
 def test_lcd_from_the_sd_teacher_reads_the_caches_captions(tiny_sd, sd_cache, tmp_path, monkeypatch):
-    """Two LCD steps on the captioned cache: the text encoder sees each batch's captions (never method.prompts)."""
+    """Two LCD steps on the captioned cache: the text encoder sees each batch's captions (never method.prompts),
+    and the previews condition on captions too."""
     import cmgen.sd
     from cmgen.recipe import load_recipe
     from cmgen.train import Trainer
@@ -169,7 +170,8 @@ def test_lcd_from_the_sd_teacher_reads_the_caches_captions(tiny_sd, sd_cache, tm
 
     monkeypatch.setattr(cmgen.sd, "encode_prompts", recording)
     over = [f"method.teacher={tiny_sd}", f"data.path={cache}", "method.reward=ink", "train.batch_size=2",
-            "train.mixed_precision=no", "train.threads=1", "train.sample_every=0", "eval.every=0"]
+            "train.mixed_precision=no", "train.threads=1", "train.sample_every=0", "eval.every=0",
+            "train.sample_n=2"]
     tr = Trainer(load_recipe("rglcd_sd15_hps", over), tmp_path / "run", progress=False)
     assert tr.data.num_classes == 6 and tr.method.captions == captions
     batch = tr.method.collect([tr._batch(0)], tr.nets, 0, tr.dist)[0]
@@ -182,6 +184,9 @@ def test_lcd_from_the_sd_teacher_reads_the_caches_captions(tiny_sd, sd_cache, tm
     texts = [p for call in seen[1:] for p in call]
     assert len(seen) == 4 and len(texts) == 6 and set(texts) <= set(captions)
     assert not set(texts) & set(tr.recipe.method.prompts)
+    gen = tr.eval_generator()          # previews / cmgen sample: label i -> caption i's embeddings
+    assert torch.allclose(gen.condition(torch.tensor([2, 5])), encode(tiny_sd, [captions[2], captions[5]]))
+    assert tr.write_previews() and set(seen[-1]) <= set(captions)
 
 
 def test_a_normalised_cache_for_the_sd_teacher_is_one_sentence(tiny_sd, sd_cache, tmp_path, capsys):

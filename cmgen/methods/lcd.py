@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
@@ -157,8 +158,8 @@ class Method(BaseMethod):
     def __init__(self, cfg: Config, recipe, gen):
         super().__init__(cfg, recipe, gen)
         self.teacher, self.null_cond = load_teacher(cfg, gen)
-        cache = latent_cache_of(recipe)
-        self.captions = None if cache is None else read_captions(cache)   # label i of the cache means caption i
+        cache = latent_cache_of(recipe)   # label i of a captioned cache means caption i
+        self.captions = None if cache is None else cached_captions(str(cache.resolve()))
         if self.text and not cfg.prompts and self.captions is None:
             raise UserError("a Stable Diffusion teacher needs captions: set data.path to a cache of a captioned "
                             "folder (cmgen latents encode FOLDER --scaling sd) or list recipe key 'method.prompts' "
@@ -219,11 +220,20 @@ class Method(BaseMethod):
 
     # ------------------------------------------------------------------ the losses
     def prompts_of(self, labels: torch.Tensor) -> list[str]:
-        """Each label's text: its caption in the latent cache, else method.prompts[label % len(prompts)]."""
-        idx = labels.long().cpu().tolist()
-        if self.captions is not None:
-            return [self.captions[i] for i in idx]
-        return [self.cfg.prompts[i % len(self.cfg.prompts)] for i in idx]
+        return label_texts(self.captions, self.cfg.prompts, labels)
+
+    @classmethod
+    def sample_condition(cls, recipe, labels: torch.Tensor):
+        """Sampling a text student (previews, cmgen sample / eval): label i -> the text-encoder embeddings of
+        its caption in the run's latent cache (or of method.prompts[i]); class labels pass through."""
+        if labels.is_floating_point() or not is_pipeline(recipe.method.teacher):
+            return labels
+        from cmgen.sd import encode_prompts
+
+        cache = latent_cache_of(recipe)
+        texts = label_texts(None if cache is None else cached_captions(str(cache.resolve())), recipe.method.prompts,
+                            labels)
+        return encode_prompts(pipeline_folder(recipe.method.teacher), texts).to(labels.device)
 
     @torch.no_grad()
     def collect(self, batches, nets, step, dist):
@@ -315,6 +325,22 @@ class Method(BaseMethod):
         else:
             loss, agree = pairwise_real_ce(lrm), torch.tensor(float("nan"))
         return {"loss": loss, "agree": agree, "expert": expert[:, 0].mean() / self.cfg.expert_scale}
+
+
+def label_texts(captions: Optional[list], prompts, labels: torch.Tensor) -> list[str]:
+    """Each label's text: its caption (a captioned cache), else prompts[label % len(prompts)]."""
+    idx = labels.long().cpu().tolist()
+    if captions is not None:
+        return [captions[i] for i in idx]
+    if not prompts:
+        raise UserError("a text student's labels need captions (a captioned latent cache in data.path) or recipe "
+                        "key 'method.prompts'")
+    return [prompts[i % len(prompts)] for i in idx]
+
+
+@lru_cache(maxsize=2)
+def cached_captions(folder: str) -> Optional[list]:
+    return read_captions(folder)
 
 
 def latent_cache_of(recipe) -> Optional[Path]:
