@@ -35,6 +35,23 @@ def test_compressibility_prefers_flat_images_and_is_minus_incompressibility():
     assert (incomp.fn(noisy) > 0).all()
 
 
+def test_jpeg_rewards_enlarge_small_images_so_an_8x8_digits_size_follows_its_content():
+    """At 8x8 a digit is one JPEG block, nearly all header (about 0.394 kB for every digit); the registry's JPEG
+    rewards enlarge small images first, so digits' sizes spread and follow the image (the RG-LCD LRM's expert)."""
+    import torch
+
+    from cmgen.data import load_digits
+    from cmgen.rewards import build_reward as registry_reward
+    from cmgen.rewards.jpeg import jpeg_kb
+
+    x = load_digits().x[:200]
+    r = registry_reward("jpeg-compressibility", "--reward")(x, None)
+    assert r.std() > 0.03
+    torch.testing.assert_close(r, -jpeg_kb(x).double())
+    blank = -torch.ones(1, 1, 8, 8)
+    assert r.max() < registry_reward("jpeg-compressibility", "--reward")(blank, None)[0]
+
+
 def test_brightness():
     r = build_reward("brightness")
     np.testing.assert_allclose(r.fn(np.zeros((1, 4, 4, 1), np.uint8)), [0.0])

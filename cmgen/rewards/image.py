@@ -9,12 +9,6 @@ import torch
 from cmgen.rewards import Reward
 
 
-def _uint8(x: torch.Tensor) -> np.ndarray:
-    from cmgen.plots import to_uint8
-
-    return to_uint8(x.detach())
-
-
 def jpeg_kilobytes(images: np.ndarray, quality: int = 95) -> np.ndarray:
     """Size of each uint8 NHWC image as a JPEG at `quality`, in kB (1000 bytes)."""
     from PIL import Image
@@ -27,13 +21,21 @@ def jpeg_kilobytes(images: np.ndarray, quality: int = 95) -> np.ndarray:
     return np.asarray(sizes, np.float64)
 
 
+def jpeg_size(x: torch.Tensor) -> torch.Tensor:
+    """kB at quality 95 of images in [-1, 1], images under 32 pixels enlarged first (cmgen.rewards.jpeg: an 8x8
+    digit alone is one JPEG block, almost all header, whose size hardly depends on the digit)."""
+    from cmgen.rewards.jpeg import jpeg_kb
+
+    return jpeg_kb(x).double().cpu()
+
+
 def jpeg_compressibility() -> Reward:
-    return Reward("jpeg-compressibility", lambda x, cond=None: -torch.from_numpy(jpeg_kilobytes(_uint8(x))),
+    return Reward("jpeg-compressibility", lambda x, cond=None: -jpeg_size(x),
                   "minus the JPEG size at quality 95 in kB (RLCM)")
 
 
 def jpeg_incompressibility() -> Reward:
-    return Reward("jpeg-incompressibility", lambda x, cond=None: torch.from_numpy(jpeg_kilobytes(_uint8(x))),
+    return Reward("jpeg-incompressibility", lambda x, cond=None: jpeg_size(x),
                   "the JPEG size at quality 95 in kB (RLCM)")
 
 
