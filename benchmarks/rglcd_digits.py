@@ -4,7 +4,8 @@
         --teacher runs/ldm_digits --n 1000 --out runs/rglcd_table
 
 Every model samples the same n images (seed j, label j % 10); rewards are compared with plain LCD's sample
-by sample (paired), with a 95% normal CI of the mean difference. FD-digits is against all 1797 digits.
+by sample (paired), with a 95% normal CI of the mean difference. FD-digits is against all 1797 digits; FD to
+teacher against the teacher's own 50-step DDIM samples (how far distillation plus reward moved from it).
 Writes table.json, table.md and a grid per (run, steps) beside the teacher's 50-step DDIM.
 
     python benchmarks/rglcd_digits.py aggregate runs/rglcd_seeds runs/rglcd_table_s*/table.json
@@ -43,26 +44,26 @@ def rewards(x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
                 "ink": ink(x).double().numpy()}
 
 
-def fd_digits(x: torch.Tensor, ref_stats) -> float:
-    from cmgen.eval.features import digits_feature_net
-    from cmgen.eval.frechet import FeatureStats, fd_between
-    from cmgen.eval.sources import to_uint8_nhwc
-
-    net = digits_feature_net((1, 8, 8))
-    s = FeatureStats()
-    s.update(net.embed(to_uint8_nhwc(x)))
-    return fd_between(s, ref_stats)
-
-
-def reference_stats():
-    from cmgen.data import load_digits
+def feature_stats(x: torch.Tensor):
     from cmgen.eval.features import digits_feature_net
     from cmgen.eval.frechet import FeatureStats
     from cmgen.eval.sources import to_uint8_nhwc
 
     s = FeatureStats()
-    s.update(digits_feature_net((1, 8, 8)).embed(to_uint8_nhwc(load_digits().x)))
+    s.update(digits_feature_net((1, 8, 8)).embed(to_uint8_nhwc(x)))
     return s
+
+
+def fd_digits(x: torch.Tensor, ref_stats) -> float:
+    from cmgen.eval.frechet import fd_between
+
+    return fd_between(feature_stats(x), ref_stats)
+
+
+def reference_stats():
+    from cmgen.data import load_digits
+
+    return feature_stats(load_digits().x)
 
 
 @torch.no_grad()
@@ -118,7 +119,7 @@ def aggregate(tables: list[str], out: Path) -> list[dict]:
     for t in tables:
         for r in json.loads(Path(t).read_text()):
             pooled.setdefault((re.sub(r"_s\d+ ", " ", r["run"]), r["steps"]), []).append(r)
-    keys = ("digit_class", "jpeg_compressibility", "fd_digits", "lrm_agreement")
+    keys = ("digit_class", "jpeg_compressibility", "fd_digits", "fd_teacher", "lrm_agreement")
     rows = []
     for (run, steps), rs in pooled.items():
         row = {"run": run, "steps": steps, "seeds": len(rs)}
@@ -128,9 +129,11 @@ def aggregate(tables: list[str], out: Path) -> list[dict]:
                 row[k] = [float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")]
         rows.append(row)
     fmt = lambda r, k: "{:.3f} ± {:.3f}".format(*r[k]) if k in r else ""  # noqa: E731
-    lines = ["| run | steps | seeds | digit-class | JPEG -kB | FD-digits | LRM agreement |", "|---|---|---|---|---|---|---|"]
+    lines = ["| run | steps | seeds | digit-class | JPEG -kB | FD-digits | FD to teacher | LRM agreement |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['steps']} | {r['seeds']} | {fmt(r, 'digit_class')} | "
-              f"{fmt(r, 'jpeg_compressibility')} | {fmt(r, 'fd_digits')} | {fmt(r, 'lrm_agreement')} |" for r in rows]
+              f"{fmt(r, 'jpeg_compressibility')} | {fmt(r, 'fd_digits')} | {fmt(r, 'fd_teacher')} | "
+              f"{fmt(r, 'lrm_agreement')} |" for r in rows]
     out.mkdir(parents=True, exist_ok=True)
     (out / "seeds.json").write_text(json.dumps(rows, indent=2))
     (out / "seeds.md").write_text("\n".join(lines) + "\n")
@@ -162,13 +165,14 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     ref = reference_stats()
-    rows, base = [], {}
+    rows, base, teacher_stats = [], {}, None
     lcd = load_model(a.lcd)
     if a.teacher:
         tg = load_model(a.teacher)
         cfg = a.teacher_cfg or lcd.recipe.method.guidance
         x, y = samples(tg, 50, a.n, guidance=cfg)
         r = rewards(x, y)
+        teacher_stats = feature_stats(x)   # the distribution LCD distils: FD to it is the note's drift measure
         rows.append({"run": f"{Path(a.teacher).name} (DDIM, cfg {cfg:g})", "steps": 50,
                      **{k: float(v.mean()) for k, v in r.items()}, "fd_digits": fd_digits(x, ref)})
         save_grid(x[:100], out / "teacher_50step.png")
@@ -181,6 +185,8 @@ def main(argv=None) -> int:
             r = rewards(x, y)
             row = {"run": label, "steps": steps, **{k: float(v.mean()) for k, v in r.items()},
                    "fd_digits": fd_digits(x, ref)}
+            if teacher_stats is not None:
+                row["fd_teacher"] = fd_digits(x, teacher_stats)
             if m.reward_mode == "lrm" and steps == a.steps[0]:
                 row |= lrm_agreement(run)
             if run == a.lcd:
@@ -196,12 +202,13 @@ def main(argv=None) -> int:
                        title=f"{Path(run).name}: {key}")
             print(json.dumps(row))
     (out / "table.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| run | steps | digit-class | JPEG -kB | ink | FD-digits | digit-class gain (95% CI) | JPEG gain (95% CI) "
-             "| LRM agreement |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | steps | digit-class | JPEG -kB | ink | FD-digits | FD to teacher | digit-class gain (95% CI) "
+             "| JPEG gain (95% CI) | LRM agreement |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         g = lambda k: ("{:+.4f} [{:+.4f}, {:+.4f}]".format(*r[k]) if k in r else "")  # noqa: E731
         lines.append(f"| {r['run']} | {r['steps']} | {r['digit_class']:.4f} | {r['jpeg_compressibility']:.4f} | "
-                     f"{r['ink']:.4f} | {r['fd_digits']:.3f} | {g('digit_class_gain_ci95')} | "
+                     f"{r['ink']:.4f} | {r['fd_digits']:.3f} | {r.get('fd_teacher', float('nan')):.3f} | "
+                     f"{g('digit_class_gain_ci95')} | "
                      f"{g('jpeg_compressibility_gain_ci95')} | "
                      f"{'{:.3f} of {}'.format(r['lrm_agreement'], r['lrm_pairs']) if 'lrm_agreement' in r else ''} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
