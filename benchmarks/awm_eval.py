@@ -1,6 +1,6 @@
 """Reward and FD-digits of reward-tuned digits runs against their base, on the same noise and labels.
 
-    python benchmarks/awm_eval.py --base runs/fm_digits --reward digit-class runs/awm_digits_class ...
+    python benchmarks/awm_eval.py --base runs/fm_digits --reward digit-class --threads 1 runs/awm_digits_class ...
 
 Each model draws n samples (image j: seed j, class j % 10) with the Euler ODE; the reward of image j
 is scored against its class; the table gives the mean with a 95% t-interval, the paired difference
@@ -48,16 +48,19 @@ def main(argv=None) -> int:
     ap.add_argument("--reward", default="digit-class", help="a cmgen.rewards name")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                    help="the evaluation EMA (default) or the raw trained weights of the tuned runs")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--out", default="runs/awm_eval")
     a = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     _, held = load_dataset(DataConfig(name="digits", holdout=297), 0)
     reward = build_reward(a.reward)
     rows, base_r = [], None
     for label, path in [("base", a.base)] + [(Path(p).name, p) for p in a.runs]:
-        gen = load_model(path, ema=True)
+        gen = load_model(path, ema=a.weights == "ema" or path == a.base)
         x, y = samples(gen, a.n, a.steps)
         with torch.no_grad():
             r = reward(x, y if reward.needs_condition else None).double().numpy()
@@ -78,8 +81,8 @@ def main(argv=None) -> int:
         delta = f"{w['delta']:+.4f} [{w['delta_ci95'][0]:+.4f}, {w['delta_ci95'][1]:+.4f}]" if "delta" in w else "-"
         lines.append(f"| {w['model']} | {w['step']} | {w['mean']:.4f} [{w['ci95'][0]:.4f}, {w['ci95'][1]:.4f}] | "
                      f"{delta} | {w['fd_digits']:.3f} | {w['fd_digits'] / base_fd:.2f} |")
-    lines.append(f"\n{a.n} samples per model, {a.steps}-step Euler ODE, EMA weights, image j: seed j, class j % 10; "
-                 "FD-digits to the 297 held-out digits.")
+    lines.append(f"\n{a.n} samples per model, {a.steps}-step Euler ODE, {a.weights.upper()} weights (the base: EMA), "
+                 "image j: seed j, class j % 10; FD-digits to the 297 held-out digits.")
     text = "\n".join(lines) + "\n"
     (out / f"eval-{a.reward}.md").write_text(text)
     (out / f"eval-{a.reward}.json").write_text(json.dumps(rows, indent=2))

@@ -334,3 +334,34 @@ def test_missing_base_and_bad_batch_are_one_sentence(base_run, tmp_path):
         trainer_for("awm_digits_class", base_run, tmp_path, "method.reward=prettiness")
     with pytest.raises(UserError, match="null_label"):
         trainer_for("awm_digits_class", base_run, tmp_path, "method.null_label=false")
+
+
+def _benchmark(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_speed_benchmark_extends_the_lr_grid_until_the_best_is_bracketed():
+    b = _benchmark("awm_vs_flowgrpo")
+    assert [b.half_decade(x, True) for x in (3e-4, 1e-3, 3e-3)] == [1e-3, 3e-3, 1e-2]
+    assert [b.half_decade(x, False) for x in (3e-4, 1e-3, 1e-4)] == [1e-4, 3e-4, 3e-5]
+    peak = {1e-4: 0.4, 3e-4: 0.5, 1e-3: 0.6, 3e-3: 0.7, 1e-2: 0.65, 3e-2: float("nan")}
+    tried = []
+
+    def run(lr):
+        tried.append(lr)
+        return {"lr": lr, "curve": [(0, 0.3), (5, peak[lr])]}
+
+    best, rows = b.tune_lr(run, [3e-4, 1e-3, 3e-3])
+    assert best == 3e-3 and tried == [3e-4, 1e-3, 3e-3, 1e-2]          # best at the top edge: one more point
+    assert [w["lr"] for w in rows] == [3e-4, 1e-3, 3e-3, 1e-2]
+    tried.clear()
+    assert b.tune_lr(run, [1e-2, 3e-2])[0] == 3e-3                       # a diverged (NaN) run never wins
+    assert tried == [1e-2, 3e-2, 3e-3, 1e-3]                              # extended down until bracketed
+    assert b.tune_lr(run, [3e-4, 1e-3], max_extend=0)[0] == 1e-3         # no extension allowed: the edge stays
