@@ -315,6 +315,15 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_output_layer():
     g1o = torch.autograd.grad(l_ctm, other, retain_graph=True)[0].norm()
     g2o = torch.autograd.grad(l_dsm, other, retain_graph=True)[0].norm()
     assert abs(g1o / (g2o + 1e-4) - g1 / (g2 + 1e-4)) > 1e-3 * (g1 / g2)    # the layer matters
+    assert_same_gradient(net, terms["loss"], l_ctm + terms["lambda_dsm"] * l_dsm)
+
+
+def assert_same_gradient(net, got, want):
+    """The loss the method returns (surrogates through theta⁻) has the gradient of the written-out terms."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    a = torch.cat([g.flatten() for g in torch.autograd.grad(got, params, retain_graph=True)])
+    b = torch.cat([g.flatten() for g in torch.autograd.grad(want, params, retain_graph=True)])
+    assert (a - b).norm() <= 1e-4 * b.norm() and b.norm() > 0
 
 
 # ----------------------------------------------------------------------------- GAN
@@ -392,6 +401,7 @@ def test_the_generator_loss_adds_the_clipped_adaptive_gan_term():
     assert terms["lambda_gan"].item() == pytest.approx(lam_gan.item(), rel=1e-4)
     want = l_ctm + lam_dsm * l_dsm + lam_gan * l_g
     assert terms["loss"].item() == pytest.approx(want.item(), rel=1e-4)
+    assert_same_gradient(m.gen.net, terms["loss"], want)
 
 
 # ----------------------------------------------------------------------------- gamma-sampling
