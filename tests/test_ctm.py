@@ -380,6 +380,19 @@ def test_gan_alternates_g_and_d_steps_and_the_emas_move_on_g_steps_only(tmp_path
     assert ctm_method.GAN_WEIGHT_RANGE == (0.01, 10.0) and ctm_method.DSM_WEIGHT_RANGE == (0.0, 1e4)
 
 
+def test_logged_terms_are_means_over_the_steps_of_their_phase(tmp_path):
+    """G and D steps alternate: each logged term averages the steps that reported it, not every step."""
+    import json
+
+    from cmgen.train import train
+
+    r = tiny_recipe("method.gan_start=0", "train.steps=4", "train.log_every=4", "train.checkpoint_every=100",
+                    "train.sample_every=0", "method.max_k=2", "optim.lr=3e-4", "method.disc_lr=2e-3")
+    run = train(r, tmp_path / "run", progress=False)
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 4 and row["lr"] == pytest.approx(3e-4) and row["disc/lr"] == pytest.approx(2e-3)
+
+
 def test_the_generator_loss_adds_the_clipped_adaptive_gan_term():
     from cmgen.methods.ctm_gan import generator_loss
 

@@ -347,7 +347,10 @@ class Method(BaseMethod):
         est = self.outer(nets, leaf, s, batch.labels)
         l_ctm = self.distance(est, tgt).mean()
         gan = gate(step, c.gan_start)
-        surrogate = lambda term, keep: (inner * torch.autograd.grad(term, leaf, retain_graph=keep)[0]).sum()  # noqa: E731
+
+        def surrogate(term, keep):
+            return (inner * torch.autograd.grad(term, leaf, retain_graph=keep)[0]).sum()
+
         s_ctm = surrogate(l_ctm, gan)
         loss, value = s_ctm, l_ctm.detach()
         terms = {"ctm": l_ctm.detach(), "k": torch.tensor(float(k))}
