@@ -8,13 +8,14 @@ Prints, for the student at initialisation (the teacher's Euler step) and after t
 - jumps T -> s against the fine solve at three intermediate s, and the denoiser g(x, t, t) against the
   teacher's D(x, t).
 
-    python benchmarks/ctm_checks.py runs/ctm_digits --n 200 --fine 200
+    python benchmarks/ctm_checks.py runs/ctm_digits --n 200 --fine 200 [--cache runs/ctm_checks_cache]
+
+The teacher's side (the fine solves) is computed once for both rows; --cache keeps it for later runs.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -42,32 +43,62 @@ def karras(n, lo, hi, rho=7.0):
     return [float(v) for v in karras_sigmas(n, lo, hi, rho).flip(0)]
 
 
-@torch.no_grad()
-def checks(student, teacher, recipe, x0, n_fine: int, seed: int = 0) -> dict:
+def draws(recipe, x0, seed: int = 0):
+    """The random draws of one check, the same for every row: grid triples (t, u, s), x_t and the noise z."""
     p = recipe.precond
     g = torch.Generator().manual_seed(seed)
     n = len(x0)
-    full = lambda v: torch.full((n,), float(v))  # noqa: E731
-    T, smin = p.sigma_max, p.sigma_min
-    grid = karras(recipe.method.grid, smin, T, p.rho)
+    grid = karras(recipe.method.grid, p.sigma_min, p.sigma_max, p.rho)
     # composition over random grid triples i < j <= l (t > u >= s), one triple per sample
     idx = torch.stack([torch.randperm(len(grid), generator=g)[:3].sort().values for _ in range(n)])
     t, u, s = (torch.tensor(grid)[idx[:, c]] for c in range(3))
     x_t = x0 + t.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g)
-    comp = rms(student(student(x_t, t, u), u, s), student(x_t, t, s))
-    # jumps from T against the fine ODE solve
-    z = torch.randn(x0.shape, generator=g) * T
-    out = {"composition_rms": comp}
-    for s_to in (12.9, 1.92, 0.14, smin):
-        fine = heun(teacher, z, karras(n_fine, s_to, T, p.rho))
-        key = "jump_T_to_sigma_min_rmse" if s_to == smin else f"jump_T_to_{s_to:g}_rmse"
-        out[key] = rms(student(z, full(T), full(s_to)), fine)
-        if s_to == smin:
-            out["teacher_heun17_rmse"] = rms(heun(teacher, z, karras(18, smin, T, p.rho)), fine)
+    z = torch.randn(x0.shape, generator=g) * p.sigma_max
     sig = torch.exp(-1.2 + 1.2 * torch.randn(n, generator=g))
     noisy = x0 + sig.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g)
-    out["denoiser_vs_teacher_rmse"] = rms(student.denoise(noisy, sig), teacher(noisy, sig))
+    return {"t": t, "u": u, "s": s, "x_t": x_t, "z": z, "sig": sig, "noisy": noisy}
+
+
+@torch.no_grad()
+def references(teacher, recipe, d: dict, n_fine: int) -> dict:
+    """The teacher's side, shared by every row: fine Heun solves from z = x_T to each s of JUMPS, its own
+    17-step Heun solve, and its denoiser on the noisy digits."""
+    p = recipe.precond
+    ref = {f"fine_{s_to:g}": heun(teacher, d["z"], karras(n_fine, s_to, p.sigma_max, p.rho))
+           for s_to in JUMPS + (p.sigma_min,)}
+    ref["heun17"] = heun(teacher, d["z"], karras(18, p.sigma_min, p.sigma_max, p.rho))
+    ref["denoised"] = teacher(d["noisy"], d["sig"])
+    return ref
+
+
+JUMPS = (12.9, 1.92, 0.14)
+
+
+@torch.no_grad()
+def checks(student, recipe, d: dict, ref: dict) -> dict:
+    n, (T, smin) = len(d["z"]), (recipe.precond.sigma_max, recipe.precond.sigma_min)
+    full = lambda v: torch.full((n,), float(v))  # noqa: E731
+    t, u, s, x_t = d["t"], d["u"], d["s"], d["x_t"]
+    out = {"composition_rms": rms(student(student(x_t, t, u), u, s), student(x_t, t, s))}
+    for s_to in JUMPS + (smin,):   # jumps from T against the fine ODE solve
+        key = "jump_T_to_sigma_min_rmse" if s_to == smin else f"jump_T_to_{s_to:g}_rmse"
+        out[key] = rms(student(d["z"], full(T), full(s_to)), ref[f"fine_{s_to:g}"])
+    out["teacher_heun17_rmse"] = rms(ref["heun17"], ref[f"fine_{smin:g}"])
+    out["denoiser_vs_teacher_rmse"] = rms(student.denoise(d["noisy"], d["sig"]), ref["denoised"])
     return out
+
+
+def cached_references(teacher, recipe, d, n_fine: int, cache):
+    """references(), read from / written to the file `cache` when given (keyed by teacher, n, fine, seed)."""
+    if cache is None:
+        return references(teacher, recipe, d, n_fine)
+    path = Path(cache)
+    if path.exists():
+        return torch.load(path)
+    ref = references(teacher, recipe, d, n_fine)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ref, path)
+    return ref
 
 
 def main() -> None:
@@ -76,7 +107,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200, help="samples (held-out digits and noises)")
     ap.add_argument("--fine", type=int, default=200, help="Karras points of the fine Heun ODE solve")
     ap.add_argument("--out", default=None, help="JSON file (default <run>/eval/ctm_checks.json)")
+    ap.add_argument("--cache", default=None, help="folder for the teacher's fine solves (reused by later calls with "
+                    "the same teacher, --n and --fine)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from cmgen.data import training_data
     from cmgen.generator import Generator
@@ -91,8 +127,17 @@ def main() -> None:
     _, holdout = training_data(recipe, False)
     x0 = holdout.x[:args.n].float()
     start = time.time()
-    rows = {"init": checks(init.net.eval(), teacher, recipe, x0, args.fine),
-            f"step {trained.step}": checks(trained.net, teacher, recipe, x0, args.fine)}
+    d = draws(recipe, x0)
+    cache = None
+    if args.cache:
+        import hashlib
+
+        key = hashlib.sha256(f"{Path(recipe.method.teacher).resolve()}|{recipe.method.grid}|{args.n}|{args.fine}"
+                             .encode()).hexdigest()[:16]
+        cache = Path(args.cache) / f"ctm_checks_ref_{key}.pt"
+    ref = cached_references(teacher, recipe, d, args.fine, cache)
+    rows = {"init": checks(init.net.eval(), recipe, d, ref),
+            f"step {trained.step}": checks(trained.net, recipe, d, ref)}
     a, b = rows["init"], rows[f"step {trained.step}"]
     summary = {"composition_drop": a["composition_rms"] / b["composition_rms"],
                "jump_over_teacher_heun17": b["jump_T_to_sigma_min_rmse"] / b["teacher_heun17_rmse"]}

@@ -155,6 +155,7 @@ class Trainer:
             self.parts[name] = self._part(part.module, part.optim, part.ema_decay)
         self.targets = {name: TargetNetwork(self.gen.net, decay) for name, decay in self.method.targets().items()}
         self.step, self.nonfinite, self.pending, self.pending_n, self.last_eval = 0, 0, {}, 0, {}
+        self.pending_count = {}  # steps that reported each term (a phase's terms come on its steps only)
         self.scaler_state, self.trackers_on = None, False
         if resume_ckpt is not None:
             state_io.read(self, resume_ckpt)
@@ -380,6 +381,7 @@ class Trainer:
             if terms is not None:
                 for k, v in terms.items():
                     self.pending[k] = self.pending.get(k, 0.0) + v
+                    self.pending_count[k] = self.pending_count.get(k, 0) + 1
                 self.pending_n += 1
                 bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.4g}", N=int(terms.get("N", 0)) or None,
                                 refresh=False)
@@ -387,9 +389,10 @@ class Trainer:
             step = self.step
             if step % t.log_every == 0 or step == t.steps:
                 if self.is_main and self.pending_n:
-                    row = {"step": step} | {k: v / self.pending_n for k, v in sorted(self.pending.items())}
+                    row = {"step": step} | {k: v / self.pending_count.get(k, self.pending_n)
+                                            for k, v in sorted(self.pending.items())}
                     self._log(row)
-                self.pending, self.pending_n = {}, 0
+                self.pending, self.pending_n, self.pending_count = {}, 0, {}
             if r.eval.every and (step % r.eval.every == 0 or step == t.steps):
                 self._in_loop_eval()
             # no checkpoint inside a streak of skipped steps: the last good one stays the newest

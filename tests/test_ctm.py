@@ -315,6 +315,15 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_output_layer():
     g1o = torch.autograd.grad(l_ctm, other, retain_graph=True)[0].norm()
     g2o = torch.autograd.grad(l_dsm, other, retain_graph=True)[0].norm()
     assert abs(g1o / (g2o + 1e-4) - g1 / (g2 + 1e-4)) > 1e-3 * (g1 / g2)    # the layer matters
+    assert_same_gradient(net, terms["loss"], l_ctm + terms["lambda_dsm"] * l_dsm)
+
+
+def assert_same_gradient(net, got, want):
+    """The loss the method returns (surrogates through theta⁻) has the gradient of the written-out terms."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    a = torch.cat([g.flatten() for g in torch.autograd.grad(got, params, retain_graph=True)])
+    b = torch.cat([g.flatten() for g in torch.autograd.grad(want, params, retain_graph=True)])
+    assert (a - b).norm() <= 1e-4 * b.norm() and b.norm() > 0
 
 
 # ----------------------------------------------------------------------------- GAN
@@ -371,6 +380,19 @@ def test_gan_alternates_g_and_d_steps_and_the_emas_move_on_g_steps_only(tmp_path
     assert ctm_method.GAN_WEIGHT_RANGE == (0.01, 10.0) and ctm_method.DSM_WEIGHT_RANGE == (0.0, 1e4)
 
 
+def test_logged_terms_are_means_over_the_steps_of_their_phase(tmp_path):
+    """G and D steps alternate: each logged term averages the steps that reported it, not every step."""
+    import json
+
+    from cmgen.train import train
+
+    r = tiny_recipe("method.gan_start=0", "train.steps=4", "train.log_every=4", "train.checkpoint_every=100",
+                    "train.sample_every=0", "method.max_k=2", "optim.lr=3e-4", "method.disc_lr=2e-3")
+    run = train(r, tmp_path / "run", progress=False)
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 4 and row["lr"] == pytest.approx(3e-4) and row["disc/lr"] == pytest.approx(2e-3)
+
+
 def test_the_generator_loss_adds_the_clipped_adaptive_gan_term():
     from cmgen.methods.ctm_gan import generator_loss
 
@@ -392,6 +414,7 @@ def test_the_generator_loss_adds_the_clipped_adaptive_gan_term():
     assert terms["lambda_gan"].item() == pytest.approx(lam_gan.item(), rel=1e-4)
     want = l_ctm + lam_dsm * l_dsm + lam_gan * l_g
     assert terms["loss"].item() == pytest.approx(want.item(), rel=1e-4)
+    assert_same_gradient(m.gen.net, terms["loss"], want)
 
 
 # ----------------------------------------------------------------------------- gamma-sampling

@@ -282,25 +282,34 @@ class Method(BaseMethod):
             x = x + h * 0.5 * (d + d_e)
         return x
 
-    def estimate_and_target(self, nets, batch, with_target: bool = True):
-        """(x_est with the gradient of the inner call, x_tgt without any (None without `with_target`: the
-        discriminator's fakes need no teacher), draws)."""
+    def inner_and_target(self, nets, batch, with_target: bool = True):
+        """(G(x_t, t, s) with the gradient, x_tgt without any (None without `with_target`: the discriminator's
+        fakes need no teacher), draws (k, t, u, s))."""
         x, labels, rng = batch.x, batch.labels, batch.rng
         k, i_t, i_s = self.draw(rng, len(x))
         dev = x.device
         t = self.times[i_t].to(dev, torch.float32)
         u = self.times[i_t + k].to(dev, torch.float32)
         s = self.times[i_s].to(dev, torch.float32)
-        sigma_min = torch.full_like(s, self.recipe.precond.sigma_min)
         z = rng.randn(*x.shape[1:]).to(x.dtype)
         x_t = x + t.view((-1,) + (1,) * (x.ndim - 1)) * z
-        est = nets.target(nets.model(x_t, t, s, labels), s, sigma_min, labels)
+        inner = nets.model(x_t, t, s, labels)
         if not with_target:
-            return est, None, (k, t, u, s)
+            return inner, None, (k, t, u, s)
         x_u = self.teacher_heun(nets.teacher, x_t, i_t, k, labels)
         with torch.no_grad():
-            tgt = nets.target(nets.model(x_u, u, s, labels), s, sigma_min, labels)
-        return est, tgt, (k, t, u, s)
+            tgt = self.outer(nets, nets.model(x_u, u, s, labels), s, labels)
+        return inner, tgt, (k, t, u, s)
+
+    def outer(self, nets, x_s, s, labels=None):
+        """G⁻(x_s, s, sigma_min): the target network's jump to sigma_min."""
+        return nets.target(x_s, s, torch.full_like(s, self.recipe.precond.sigma_min), labels)
+
+    def estimate_and_target(self, nets, batch, with_target: bool = True):
+        """(x_est = G⁻(G(x_t, t, s), s, sigma_min) with the gradient of the inner call, x_tgt without any,
+        draws)."""
+        inner, tgt, draws = self.inner_and_target(nets, batch, with_target)
+        return self.outer(nets, inner, draws[3], batch.labels), tgt, draws
 
     def dsm_sigmas(self, rng) -> torch.Tensor:
         """Lognormal for the first half of the global batch, Karras(r), r ~ U[0, dsm_karras_r], for the rest."""
@@ -321,6 +330,11 @@ class Method(BaseMethod):
 
     # ------------------------------------------------------------------ loss
     def loss(self, nets, batch, step: int) -> dict:
+        """L_CTM + lambda_DSM L_DSM (+ lambda_GAN L_G). Each term that runs through the outer (target) jump is
+        backpropagated through theta⁻ once, to the inner output G(x_t, t, s) (theta⁻ takes no gradient); its
+        surrogate <G(x_t, t, s), dL/dG> then carries the same gradient to theta, so the adaptive weights'
+        gradient norms at the output layer and the final backward do not run through theta⁻ again. The
+        returned loss has the value of the sum of the terms and the gradient of it."""
         if batch.phase == "disc":
             from cmgen.methods.ctm_gan import discriminator_loss
 
@@ -328,19 +342,29 @@ class Method(BaseMethod):
                 fake, _, _ = self.estimate_and_target(nets, batch, with_target=False)
             return discriminator_loss(nets.disc, batch.x, fake, batch.rng, self.cfg.diffaug)
         c = self.cfg
-        est, tgt, (k, *_rest) = self.estimate_and_target(nets, batch)
+        inner, tgt, (k, _t, _u, s) = self.inner_and_target(nets, batch)
+        leaf = inner.detach().requires_grad_(True)
+        est = self.outer(nets, leaf, s, batch.labels)
         l_ctm = self.distance(est, tgt).mean()
-        loss, terms = l_ctm, {"ctm": l_ctm.detach(), "k": torch.tensor(float(k))}
+        gan = gate(step, c.gan_start)
+
+        def surrogate(term, keep):
+            return (inner * torch.autograd.grad(term, leaf, retain_graph=keep)[0]).sum()
+
+        s_ctm = surrogate(l_ctm, gan)
+        loss, value = s_ctm, l_ctm.detach()
+        terms = {"ctm": l_ctm.detach(), "k": torch.tensor(float(k))}
         if c.dsm_weight > 0:
             l_dsm, mse = self.dsm(nets, batch)
-            lam = adaptive_weight(l_ctm, l_dsm, self.layer, *DSM_WEIGHT_RANGE) if c.adaptive_dsm else torch.tensor(1.0)
-            loss = loss + c.dsm_weight * lam * l_dsm
+            lam = adaptive_weight(s_ctm, l_dsm, self.layer, *DSM_WEIGHT_RANGE) if c.adaptive_dsm else torch.tensor(1.0)
+            loss, value = loss + c.dsm_weight * lam * l_dsm, value + c.dsm_weight * lam * l_dsm.detach()
             terms |= {"dsm": l_dsm.detach(), "dsm_mse": mse, "lambda_dsm": lam}
-        if gate(step, c.gan_start):
+        if gan:
             from cmgen.methods.ctm_gan import generator_loss
 
             l_g = generator_loss(nets.disc, est, batch.rng, c.diffaug)
-            lam = adaptive_weight(l_ctm, l_g, self.layer, *GAN_WEIGHT_RANGE)
-            loss = loss + c.gan_weight * lam * l_g
+            s_g = surrogate(l_g, False)
+            lam = adaptive_weight(s_ctm, s_g, self.layer, *GAN_WEIGHT_RANGE)
+            loss, value = loss + c.gan_weight * lam * s_g, value + c.gan_weight * lam * l_g.detach()
             terms |= {"gan_g": l_g.detach(), "lambda_gan": lam}
-        return {"loss": loss} | terms
+        return {"loss": loss - loss.detach() + value} | terms
