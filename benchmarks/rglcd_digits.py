@@ -102,7 +102,15 @@ def lrm_agreement(run: str) -> dict:
         keep = de != 0
         agree += int(((de * dr) > 0)[keep].sum())
         total += int(keep.sum())
-    return {"lrm_agreement": agree / max(1, total), "lrm_pairs": total}
+    # pairs of held-out real digits of the same class: a measure that does not move with the student
+    g = torch.Generator().manual_seed(0)
+    i, j = torch.randint(n, (4000,), generator=g), torch.randint(n, (4000,), generator=g)
+    same = (y[i] == y[j]) & (i != j)
+    i, j = i[same], j[same]
+    de, dr = e[i, 2] - e[j, 2], r[i, 2] - r[j, 2]
+    keep = de != 0
+    return {"lrm_agreement": agree / max(1, total), "lrm_pairs": total,
+            "lrm_agreement_real": float(((de * dr) > 0)[keep].float().mean()), "lrm_pairs_real": int(keep.sum())}
 
 
 def ci95(d: np.ndarray) -> tuple[float, float, float]:
