@@ -29,7 +29,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def jpeg_kb(images: torch.Tensor) -> torch.Tensor:
-    from cmgen.eval.rewards import jpeg_kilobytes
+    from cmgen.rewards.image import jpeg_kilobytes
 
     return torch.from_numpy(jpeg_kilobytes(to_uint8(images), QUALITY)).float().to(images.device)
 
