@@ -4,7 +4,7 @@
         --teacher runs/ldm_digits --n 1000 --out runs/rglcd_table
 
 Every model samples the same n images (seed j, label j % 10); rewards are compared with plain LCD's sample
-by sample (paired), with a 95% normal CI of the mean difference. FD-digits is against all 1797 digits; FD to
+by sample (paired), with a 95% Student-t CI of the mean difference. FD-digits is against all 1797 digits; FD to
 teacher against the teacher's own 50-step DDIM samples (how far distillation plus reward moved from it).
 Writes table.json, table.md and a grid per (run, steps) beside the teacher's 50-step DDIM.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -113,11 +112,6 @@ def lrm_agreement(run: str) -> dict:
             "lrm_agreement_real": float(((de * dr) > 0)[keep].float().mean()), "lrm_pairs_real": int(keep.sum())}
 
 
-def ci95(d: np.ndarray) -> tuple[float, float, float]:
-    m, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
-    return m, m - 1.96 * se, m + 1.96 * se
-
-
 def aggregate(tables: list[str], out: Path) -> list[dict]:
     """Mean and sample std over training seeds of each (run, steps) row of several table.json files; a run's seed
     suffix `_s<k>` is dropped so that its seeds pool. Writes seeds.json and seeds.md into `out`."""
@@ -149,7 +143,22 @@ def aggregate(tables: list[str], out: Path) -> list[dict]:
     return rows
 
 
+def teacher_samples(run: str, gen, n: int, cfg: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's 50-step DDIM samples, kept in its run folder (eval/) for the next seed's table."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(run) / "eval" / f"ddim50_cfg{cfg:g}_n{n}.safetensors"
+    if path.is_file():
+        t = load_file(str(path))
+        return t["x"], t["y"]
+    x, y = samples(gen, 50, n, guidance=cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"x": x.contiguous(), "y": y.contiguous()}, str(path))
+    return x, y
+
+
 def main(argv=None) -> int:
+    from cmgen.eval.metrics import mean_confidence_interval
     from cmgen.plots import read_metrics, save_curve, save_grid
     from cmgen.runs import load_model
 
@@ -178,7 +187,7 @@ def main(argv=None) -> int:
     if a.teacher:
         tg = load_model(a.teacher)
         cfg = a.teacher_cfg or lcd.recipe.method.guidance
-        x, y = samples(tg, 50, a.n, guidance=cfg)
+        x, y = teacher_samples(a.teacher, tg, a.n, cfg)
         r = rewards(x, y)
         teacher_stats = feature_stats(x)   # the distribution LCD distils: FD to it is the note's drift measure
         rows.append({"run": f"{Path(a.teacher).name} (DDIM, cfg {cfg:g})", "steps": 50,
@@ -201,7 +210,7 @@ def main(argv=None) -> int:
                 base[steps] = r
             else:
                 for k, v in r.items():
-                    row[f"{k}_gain_ci95"] = ci95(v - base[steps][k])
+                    row[f"{k}_gain_ci95"] = mean_confidence_interval(v - base[steps][k])
             rows.append(row)
             save_grid(x[:100], out / f"{Path(run).name}_{steps}step.png")
         metrics = read_metrics(Path(run) / "metrics.jsonl")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from cmgen.errors import UserError
-from cmgen.precond import PrecondConfig
+from cmgen.precond import ConsistencyDenoiser, PrecondConfig
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 SCHEDULERS = ("CMStochasticIterativeScheduler", "CMGenScheduler", "EDMEulerScheduler", "FlowMatchEulerDiscreteScheduler",

@@ -87,6 +87,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    decay: str = "constant"         # constant | cosine | linear: lr from its peak after warmup to 0 at train.steps
     grad_clip: float = 0.0          # 0 = off
 
 
@@ -357,6 +358,8 @@ def validate(r: Recipe) -> None:
     need(r.optim.name in ("adam", "adamw", "radam"),
          f"recipe key 'optim.name' must be adam, adamw or radam, got '{r.optim.name}'")
     need(r.optim.lr > 0, f"recipe key 'optim.lr' must be positive, got {r.optim.lr}")
+    need(r.optim.decay in ("constant", "cosine", "linear"),
+         f"recipe key 'optim.decay' must be constant, cosine or linear, got '{r.optim.decay}'")
     need(r.data.name in ("digits", "toy2d", "folder", "cifar10", "random", "latents", "prompts"),
          f"recipe key 'data.name' must be digits, toy2d, folder, cifar10, random, latents or prompts, got '{r.data.name}'")
     need(r.data.toy in ("ring", "moons"), f"recipe key 'data.toy' must be ring or moons, got '{r.data.toy}'")

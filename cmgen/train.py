@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
@@ -65,10 +66,18 @@ def make_optimizer(params, cfg):
     return cls(params, **kw)
 
 
-def lr_at(step: int, cfg) -> float:
-    if cfg.warmup_steps > 0:
-        return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
-    return cfg.lr
+def lr_at(step: int, cfg, total: int) -> float:
+    """The learning rate of 0-based `step` of `total`: linear warmup over optim.warmup_steps, then constant or
+    decaying (cosine or linear) from optim.lr to 0 at the last step."""
+    w = cfg.warmup_steps
+    if w > 0 and step < w:
+        return cfg.lr * (step + 1) / w
+    if cfg.decay == "constant" or total <= w:
+        return cfg.lr
+    frac = min(1.0, (step - w) / max(1, total - w))
+    if cfg.decay == "linear":
+        return cfg.lr * (1.0 - frac)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
 def default_run_dir(recipe: Recipe) -> Path:
@@ -274,7 +283,7 @@ class Trainer:
         """Accumulate one part's gradients over the micro-batches and step its optimizer.
         Returns (averaged terms with 'lr', None) or ({}, name of the non-finite term)."""
         acc, t, part = self.accelerator, self.recipe.train, self.parts[phase]
-        lr = lr_at(self.step, part.optim)
+        lr = lr_at(self.step, part.optim, self.recipe.train.steps)
         for g in part.optimizer.param_groups:
             g["lr"] = lr
         for other in self.parts.values():  # a phase's loss may reach other parts: only its own grads count

@@ -11,7 +11,7 @@ from cmgen.methods import Batch, Nets
 from cmgen.methods import ctm as ctm_method
 from cmgen.methods.ctm import adaptive_weight, dsm_karras_sigma, init_from_teacher, k_probs, output_layer
 from cmgen.methods.ctm_gan import diff_augment, hinge_d, hinge_g
-from cmgen.models.two_time import TwoTimeUNet2DModel, TwoTimeUNetBackbone
+from cmgen.models.two_time import TwoTimeUNet2DModel
 from cmgen.models.unet import UNetBackbone, unet_kwargs
 from cmgen.precond import EDMDenoiser, PrecondConfig, TrajectoryJump, c_noise, edm_c_out, edm_c_skip, edm_loss_weight
 from cmgen.rng import BatchRNG
@@ -149,7 +149,7 @@ def UNet2DModel_wide():
 def test_k_is_drawn_once_per_step_with_p_proportional_to_k():
     assert torch.allclose(k_probs(4), torch.tensor([1, 2, 3, 4], dtype=torch.float64) / 10)
     m = make_method()
-    N, K = m.cfg.grid, m.cfg.max_k
+    K = m.cfg.max_k
     counts = torch.zeros(K)
     for step in range(3000):
         ks = {m.draw(BatchRNG(0, step, 8, off, 4), 4)[0] for off in (0, 4)}   # two micro-batches of one step
@@ -163,7 +163,7 @@ def test_k_is_drawn_once_per_step_with_p_proportional_to_k():
 def test_t_and_s_indices_are_uniform_over_their_ranges():
     m = make_method()
     N = m.cfg.grid
-    ts, ss, ks = [], [], []
+    ts, ss = [], []
     for step in range(400):
         k, i_t, i_s = m.draw(BatchRNG(1, step, 64, 0, 64), 64)
         assert (i_t >= 0).all() and (i_t + k <= N - 1).all()
@@ -302,20 +302,28 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_output_layer():
     nets = nets_of(m)
     x = torch.randn(8, 1, 8, 8).clamp(-1, 1)
     terms = m.loss(nets, Batch(x, None, BatchRNG(0, 9, 8, 0, 8)), 9)
-    rng = BatchRNG(0, 9, 8, 0, 8)
-    est, tgt, _ = m.estimate_and_target(nets, Batch(x, None, rng))
-    l_ctm = (est - tgt).pow(2).flatten(1).mean(1).mean()
-    l_dsm, _ = m.dsm(nets, Batch(x, None, rng))
+    _, _, l_ctm, l_dsm = written_out_terms(m, nets, x, 9)
     W = net.backbone.unet.conv_out.weight
-    g1 = torch.autograd.grad(l_ctm, W, retain_graph=True)[0].norm()
-    g2 = torch.autograd.grad(l_dsm, W, retain_graph=True)[0].norm()
+    g1, g2 = grad_norm(l_ctm, W), grad_norm(l_dsm, W)
     assert terms["lambda_dsm"].item() == pytest.approx((g1 / (g2 + 1e-4)).item(), rel=1e-4)
     assert terms["loss"].item() == pytest.approx((l_ctm + terms["lambda_dsm"] * l_dsm).item(), rel=1e-5)
     other = [p for n, p in net.named_parameters() if "conv_in" in n][0]
-    g1o = torch.autograd.grad(l_ctm, other, retain_graph=True)[0].norm()
-    g2o = torch.autograd.grad(l_dsm, other, retain_graph=True)[0].norm()
+    g1o, g2o = grad_norm(l_ctm, other), grad_norm(l_dsm, other)
     assert abs(g1o / (g2o + 1e-4) - g1 / (g2 + 1e-4)) > 1e-3 * (g1 / g2)    # the layer matters
     assert_same_gradient(net, terms["loss"], l_ctm + terms["lambda_dsm"] * l_dsm)
+
+
+def written_out_terms(m, nets, x, step):
+    """(rng, estimate, L_CTM, L_DSM) written out from the method's parts with the draws of its loss at `step`."""
+    rng = BatchRNG(0, step, 8, 0, 8)
+    est, tgt, _ = m.estimate_and_target(nets, Batch(x, None, rng))
+    l_ctm = (est - tgt).pow(2).flatten(1).mean(1).mean()
+    l_dsm, _ = m.dsm(nets, Batch(x, None, rng))
+    return rng, est, l_ctm, l_dsm
+
+
+def grad_norm(loss, param):
+    return torch.autograd.grad(loss, param, retain_graph=True)[0].norm()
 
 
 def assert_same_gradient(net, got, want):
@@ -402,15 +410,11 @@ def test_the_generator_loss_adds_the_clipped_adaptive_gan_term():
     nets["disc"] = m.disc
     x = torch.randn(8, 1, 8, 8).clamp(-1, 1)
     terms = m.loss(nets, Batch(x, None, BatchRNG(0, 0, 8, 0, 8)), 0)
-    rng = BatchRNG(0, 0, 8, 0, 8)
-    est, tgt, _ = m.estimate_and_target(nets, Batch(x, None, rng))
-    l_ctm = (est - tgt).pow(2).flatten(1).mean(1).mean()
-    l_dsm, _ = m.dsm(nets, Batch(x, None, rng))
+    rng, est, l_ctm, l_dsm = written_out_terms(m, nets, x, 0)
     l_g = generator_loss(nets.disc, est, rng, m.cfg.diffaug)
-    W = m.layer
-    g = lambda loss: torch.autograd.grad(loss, W, retain_graph=True)[0].norm()  # noqa: E731
-    lam_gan = (g(l_ctm) / (g(l_g) + 1e-4)).clamp(0.01, 10.0)
-    lam_dsm = g(l_ctm) / (g(l_dsm) + 1e-4)
+    g1, g_gan, g_dsm = (grad_norm(loss, m.layer) for loss in (l_ctm, l_g, l_dsm))
+    lam_gan = (g1 / (g_gan + 1e-4)).clamp(0.01, 10.0)
+    lam_dsm = g1 / (g_dsm + 1e-4)
     assert terms["lambda_gan"].item() == pytest.approx(lam_gan.item(), rel=1e-4)
     want = l_ctm + lam_dsm * l_dsm + lam_gan * l_g
     assert terms["loss"].item() == pytest.approx(want.item(), rel=1e-4)

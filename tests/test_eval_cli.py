@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from cmgen.cli import main as cli
 
@@ -186,7 +185,6 @@ def test_model_samples_stream_in_seeded_batches_with_a_progress_bar(digits_run, 
     from cmgen.eval.refstats import accumulate
     from cmgen.eval.sources import model_source
     from cmgen.runs import load_model
-    from cmgen.sampling import default_sigmas
 
     lm = load_model(digits_run)
     net = build_feature_net("digits", lm.shape)

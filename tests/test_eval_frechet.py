@@ -4,7 +4,6 @@ import warnings
 import numpy as np
 import pytest
 import scipy.linalg
-import torch
 
 from cmgen.eval.frechet import FeatureStats, fd_between, frechet_distance, trace_sqrt_product
 

@@ -1,7 +1,6 @@
 """Precision/recall, KID, SWD, MMD and confidence intervals against brute-force references."""
 import numpy as np
 import pytest
-import torch
 
 from cmgen.eval.metrics import (kernel_inception_distance, knn_radii, mean_confidence_interval, mmd2_rbf,
                                 mmd2_unbiased_poly, precision_recall, sliced_wasserstein)

@@ -216,12 +216,57 @@ def test_lrm_warmup_keeps_the_reward_out_of_the_student_loss(cache, teacher, tmp
     assert out["loss"].item() != pytest.approx(out["lcd"].item(), rel=1e-6)
 
 
+def test_lrm_pretraining_triplet_is_a_noised_real_a_noised_same_class_partner_and_the_real():
+    from cmgen.methods.lcd import noised_partner_triplet
+    from cmgen.rng import BatchRNG
+
+    real = torch.randn(12, 4, 2, 2)
+    labels = torch.tensor([0, 1, 2, 0, 1, 0, 3, 1, 0, 2, 4, 0])
+    partners = {i: set() for i in range(12)}
+    for step in range(60):
+        a, b, r = noised_partner_triplet(real, labels, BatchRNG(0, step, 12, 0, 12), 0.3)
+        rng = BatchRNG(0, step, 12, 0, 12)   # the same draws, in the documented order
+        rng.rand()   # the partner draw
+        sa, sb = rng.rand(), rng.rand()
+        ea, eb = rng.randn(4, 2, 2), rng.randn(4, 2, 2)
+        assert torch.equal(r, real)
+        assert torch.allclose(a, real + 0.3 * sa.view(-1, 1, 1, 1) * ea, atol=1e-6)
+        clean = b - 0.3 * sb.view(-1, 1, 1, 1) * eb
+        for i in range(12):
+            j = int((clean[i] - real).flatten(1).abs().amax(1).argmin())
+            assert torch.allclose(clean[i], real[j], atol=1e-5)
+            partners[i].add(j)
+    for i in range(12):   # every row of its class, itself included, and no other
+        assert partners[i] == {j for j in range(12) if labels[j] == labels[i]}, i
+
+
+def test_lrm_pretraining_steps_train_the_lrm_alone_before_the_student(cache, teacher, tmp_path, monkeypatch):
+    tr = trainer(cache, teacher, tmp_path, reward_mode="lrm", reward="jpeg-compressibility", lrm_pretrain_steps=2,
+                 lrm_pretrain_noise=0.2)
+    m = tr.method
+    assert m.phases(0) == m.phases(1) == ("lrm",) and m.phases(2) == ("model", "lrm")
+    seen = []
+    expert = m.expert
+    monkeypatch.setattr(m, "expert", lambda images, cond: seen.append(images) or expert(images, cond))
+    lrm_before = [p.detach().clone() for p in tr.parts["lrm"].module.parameters()]
+    model_before = {k: v.clone() for k, v in tr.gen.net.state_dict().items()}
+    real = m.decode(tr._batch(0).x.float())   # step 0's batch
+    terms = tr.train_step()
+    assert {"lrm/loss", "lrm/agree"} <= set(terms) and "lcd" not in terms
+    assert any(not torch.equal(a, b) for a, b in zip(lrm_before, tr.parts["lrm"].module.parameters()))
+    assert all(torch.equal(v, tr.gen.net.state_dict()[k]) for k, v in model_before.items())
+    # the expert scored the noised copies and the real latents of the batch
+    assert len(seen) == 3 and torch.allclose(seen[2], real, atol=1e-6)
+    assert not torch.allclose(seen[0], real, atol=1e-3)
+
+
 @pytest.mark.parametrize("method,needle", [
     ({"teacher": ""}, "method.teacher"),
     ({"reward_mode": "guided"}, "method.reward_mode"),
     ({"reward_mode": "direct"}, "method.reward"),
     ({"w_min": 3.0, "w_max": 1.0}, "method.w_min"),
     ({"loss": "cauchy"}, "method.loss"),
+    ({"lrm_pretrain_steps": 10}, "method.lrm_pretrain_steps"),
 ])
 def test_bad_lcd_recipes_are_one_sentence(cache, teacher, method, needle):
     method = dict(method)

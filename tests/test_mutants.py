@@ -1,7 +1,5 @@
 """Formulas the mutation run (tools/mutate.py) found untested: each test fails on the planted bug named."""
-import math
 
-import pytest
 import torch
 from torch import nn
 
@@ -98,7 +96,7 @@ def test_ict_curriculum_uses_the_stored_k_not_train_steps():  # mutant: K from t
 
 def test_ict_teacher_is_under_stop_gradient_and_the_student_carries_the_gradient():  # mutant: no no_grad
     from cmgen.generator import Generator
-    from cmgen.methods import Batch, Nets, build_method
+    from cmgen.methods import Batch, build_method
     from cmgen.recipe import load_recipe
     from cmgen.rng import BatchRNG
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from cmgen.errors import UserError
 from cmgen.recipe import from_tree, load_recipe, read_yaml, resolve_recipe_path
-from cmgen.train import NonFiniteLoss, Trainer, train
+from cmgen.train import Trainer, train
 
 BIN = Path(sys.executable).parent
 TINY = ["model.block_out_channels=[16,32]", "model.norm_num_groups=8", "model.attention_head_dim=8",

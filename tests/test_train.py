@@ -1,5 +1,6 @@
 """Short training runs per recipe, exact resume, previews and run records."""
 import json
+import math
 
 import pytest
 import torch
@@ -108,3 +109,28 @@ def test_resume_with_a_new_train_steps_keeps_the_curriculum_length(tmp_path, tin
     with pytest.raises(UserError, match="method.total_steps"):
         Trainer(load_recipe("ict_digits", tiny + ["train.steps=40", "method.total_steps=40"]), run, resume="auto",
                 progress=False)
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_zero_at_the_last_step():
+    from cmgen.recipe import OptimConfig
+    from cmgen.train import lr_at
+
+    const = OptimConfig(lr=1.0, warmup_steps=4)
+    assert [lr_at(s, const, 20) for s in (0, 1, 3, 19)] == [0.25, 0.5, 1.0, 1.0]
+    cos = OptimConfig(lr=2.0, warmup_steps=0, decay="cosine")
+    # 2 * (1 + cos(pi * s / 10)) / 2 over 10 steps
+    assert lr_at(0, cos, 10) == pytest.approx(2.0)
+    assert lr_at(5, cos, 10) == pytest.approx(1.0)
+    assert lr_at(2, cos, 10) == pytest.approx(1.0 + math.cos(math.pi * 0.2))
+    lin = OptimConfig(lr=1.0, warmup_steps=2, decay="linear")
+    # peak after the warmup, then (1 - (s - 2) / 8) over the remaining 8 steps
+    assert [lr_at(s, lin, 10) for s in (0, 1, 2, 6, 9)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.125])
+
+
+def test_a_decaying_run_trains_its_last_step_at_a_small_learning_rate(tmp_path, tiny_digits_overrides):
+    recipe = load_recipe("ict_digits", tiny_digits_overrides + ["train.steps=4", "train.log_every=1",
+                                                                "optim.decay=linear"])
+    train(recipe, tmp_path / "run", progress=False)
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    base = recipe.optim.lr
+    assert lrs == pytest.approx([base, 0.75 * base, 0.5 * base, 0.25 * base])

@@ -61,8 +61,12 @@ class Config:
     lrm_lr: float = 3.3e-6          # AdamW of the LRM (RG-LCD's)
     lrm_width: int = 512            # LRM embedding width (digits: an MLP; SD: see cmgen.rewards.lrm)
     expert_scale: float = 1.0       # expert reward -> pair logit scale
-    lrm_warmup_steps: int = 0       # model steps before the LRM reward enters the student's loss (stand-in
-                                    # for RG-LCD's pretrained latent CLIP, which has no public weights)
+    lrm_warmup_steps: int = 0       # steps before the LRM reward enters the student's loss
+    lrm_pretrain_steps: int = 0     # first steps of the run in which only the LRM trains, on real latents and
+                                    # noised copies scored by the expert (stand-in for RG-LCD's separately
+                                    # pretrained latent CLIP, which has no public weights); the student's
+                                    # steps follow, so train.steps counts both
+    lrm_pretrain_noise: float = 0.5  # noised copies: z + sigma eps, sigma ~ U[0, lrm_pretrain_noise]
     prompts: tuple[str, ...] = ()   # text teachers, caches without captions: class label k means prompt k
 
     def problems(self):
@@ -84,6 +88,10 @@ class Config:
             yield f"recipe key 'method.lrm_loss' must be kl or ce, got '{self.lrm_loss}'"
         if self.reward_scale < 0:
             yield "recipe key 'method.reward_scale' must be at least 0"
+        if self.lrm_pretrain_steps < 0 or self.lrm_pretrain_noise < 0:
+            yield "recipe keys 'method.lrm_pretrain_steps' and 'method.lrm_pretrain_noise' must be at least 0"
+        if self.lrm_pretrain_steps and self.reward_mode != "lrm":
+            yield "recipe key 'method.lrm_pretrain_steps' needs method.reward_mode: lrm (set it to 0 otherwise)"
 
     @property
     def schedule(self) -> VPSchedule:
@@ -216,7 +224,9 @@ class Method(BaseMethod):
         return {"lrm": Part(self.lrm, OptimConfig(name="adamw", lr=self.cfg.lrm_lr, weight_decay=0.0))}
 
     def phases(self, step: int):
-        return ("model", "lrm") if self.lrm is not None else ("model",)
+        if self.lrm is None:
+            return ("model",)
+        return ("lrm",) if step < self.cfg.lrm_pretrain_steps else ("model", "lrm")
 
     # ------------------------------------------------------------------ the losses
     def prompts_of(self, labels: torch.Tensor) -> list[str]:
@@ -313,9 +323,11 @@ class Method(BaseMethod):
         (or, with lrm_loss: ce, cross-entropy with the real latent the winner of its pairs)."""
         from cmgen.rewards.lrm import pairwise_kl, pairwise_real_ce
 
-        student, target = batch.extra["triplet"]
         real, cond = batch.x.float(), batch.labels
-        latents = [student, target, real]
+        if "triplet" in batch.extra:
+            latents = [*batch.extra["triplet"], real]
+        else:  # a pretraining step: no student output yet
+            latents = noised_partner_triplet(real, cond, batch.rng, self.cfg.lrm_pretrain_noise)
         with torch.no_grad():
             expert = torch.stack([self.expert(self.decode(z), self.reward_cond(batch)).float() for z in latents], 1)
             expert = expert * self.cfg.expert_scale
@@ -325,6 +337,24 @@ class Method(BaseMethod):
         else:
             loss, agree = pairwise_real_ce(lrm), torch.tensor(float("nan"))
         return {"loss": loss, "agree": agree, "expert": expert[:, 0].mean() / self.cfg.expert_scale}
+
+
+def noised_partner_triplet(real: torch.Tensor, labels, rng, noise: float) -> list[torch.Tensor]:
+    """The LRM's pretraining triplet for each real latent z_i: (z_i + a eps, z_j + b eps', z_i), with z_j a row
+    of the batch drawn among those of z_i's class (z_i itself when it is alone or unlabelled, or the conditions
+    are text), a, b ~ U[0, noise]."""
+    n = len(real)
+    u = rng.rand().cpu()
+    j = torch.arange(n)
+    if labels is not None and not labels.is_floating_point():
+        same = labels.view(-1, 1).cpu() == labels.view(1, -1).cpu()
+        k = (u * same.sum(1)).long()                   # the k-th row of z_i's class, uniformly
+        j = (same.long().cumsum(1) <= k.view(-1, 1)).sum(1)
+    view = (n,) + (1,) * (real.ndim - 1)
+    a = noise * rng.rand().view(view).to(real)
+    b = noise * rng.rand().view(view).to(real)
+    eps_a, eps_b = rng.randn(*real.shape[1:]).to(real), rng.randn(*real.shape[1:]).to(real)
+    return [real + a * eps_a, real[j.to(real.device)] + b * eps_b, real]
 
 
 def label_texts(captions: Optional[list], prompts, labels: torch.Tensor) -> list[str]:
