@@ -14,6 +14,14 @@ THREADS = int(os.environ.get("CMGEN_TEST_THREADS", "2"))
 torch.set_num_threads(THREADS)
 
 
+def subprocess_env() -> dict:
+    """The environment of a `cmgen` child process in a test: offline, one thread, unbuffered, no inherited
+    WORLD_SIZE (a launcher's variables would make the child wait for peers)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
 @pytest.fixture(autouse=True)
 def _fixed_threads():
     """In-process CLI calls set torch's thread count; put it back after every test."""

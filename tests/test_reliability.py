@@ -19,20 +19,15 @@ from safetensors.torch import load_file
 from cmgen.errors import UserError
 from cmgen.recipe import from_tree, load_recipe, read_yaml, resolve_recipe_path
 from cmgen.train import Trainer, train
+from conftest import subprocess_env
 
 BIN = Path(sys.executable).parent
 TINY = ["model.block_out_channels=[16,32]", "model.norm_num_groups=8", "model.attention_head_dim=8",
         "train.batch_size=8", "train.sample_n=4", "train.log_every=1", "train.threads=1", "model.dropout=0.1"]
 
 
-def _env():
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
 def _cmgen(*args, check=True, **kw):
-    proc = subprocess.run([str(BIN / "cmgen"), *map(str, args)], env=_env(), capture_output=True, text=True, **kw)
+    proc = subprocess.run([str(BIN / "cmgen"), *map(str, args)], env=subprocess_env(), capture_output=True, text=True, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr[-3000:])
     return proc
@@ -63,7 +58,7 @@ def test_kill_dash_9_then_resume_auto_equals_a_straight_run(tmp_path):
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen([str(BIN / "cmgen"), "train", "ict_digits", *over, "--out", str(killed), "--no-progress"],
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "step-00000005" / "state.json").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
@@ -237,7 +232,7 @@ def _launch(args, out, extra=()):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            str(BIN / "cmgen"), "train", "ict_digits", *args, "--out", str(out), "--no-progress", *extra]
-    env = _env()
+    env = subprocess_env()
     env.pop("OMP_NUM_THREADS")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

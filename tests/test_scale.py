@@ -15,16 +15,11 @@ from safetensors.torch import load_file
 from cmgen.errors import UserError
 from cmgen.recipe import load_recipe
 from cmgen.train import train
+from conftest import subprocess_env
 
 BIN = Path(sys.executable).parent
 TINY = ["model.block_out_channels=[16,32]", "model.norm_num_groups=8", "model.attention_head_dim=8",
         "train.batch_size=8", "train.sample_n=4", "train.log_every=1", "train.sample_every=0", "train.threads=1"]
-
-
-def _env():
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None)
-    return env
 
 
 def _tensors(run, step, names=("model", "ema", "optimizer")):
@@ -252,7 +247,7 @@ def _launch(*args):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", str(BIN / "cmgen"),
            *map(str, args)]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -279,6 +274,6 @@ def test_two_process_eval_and_in_loop_eval_equal_one_process(tmp_path):
     fast = ["--n", "40", "--steps", "1,2", "--batch-size", "16", "--threads", "1", "--no-progress"]
     _launch("eval", "fid", run, *fast, "--out", tmp_path / "two")
     subprocess.run([str(BIN / "cmgen"), "eval", "fid", str(run), *fast, "--out", str(tmp_path / "one")],
-                   env=_env(), check=True, capture_output=True)
+                   env=subprocess_env(), check=True, capture_output=True)
     one, two = (json.loads(next((tmp_path / d).glob("fid_*.json")).read_text()) for d in ("one", "two"))
     assert one["rows"] == two["rows"]
