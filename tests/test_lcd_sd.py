@@ -76,10 +76,14 @@ def test_text_student_exports_as_the_stock_lcm_pipeline_with_equal_latents(tiny_
     assert torch.allclose(got, ours, atol=1e-5)
 
 
-def test_lrm_mode_runs_on_text_latents(tiny_sd, tmp_path):
-    tr = _trainer(tiny_sd, tmp_path, reward_mode="lrm", reward="jpeg-compressibility")
+def test_lrm_mode_pretrains_and_runs_on_text_latents(tiny_sd, tmp_path):
+    tr = _trainer(tiny_sd, tmp_path, reward_mode="lrm", reward="jpeg-compressibility", lrm_pretrain_steps=1)
+    student = {k: v.clone() for k, v in tr.gen.net.state_dict().items()}
+    terms = tr.train_step()   # pretraining: the LRM alone, on noised copies of the text-conditioned latents
+    assert "lrm/loss" in terms and "lcd" not in terms and torch.isfinite(torch.tensor(terms["lrm/loss"]))
+    assert all(torch.equal(v, tr.gen.net.state_dict()[k]) for k, v in student.items())
     terms = tr.train_step()
-    assert "lrm/loss" in terms and torch.isfinite(torch.tensor(terms["lrm/loss"]))
+    assert "lrm/loss" in terms and "lcd" in terms and torch.isfinite(torch.tensor(terms["lrm/loss"]))
 
 
 def test_weight_backed_reward_without_weights_is_one_sentence(tiny_sd, tmp_path, monkeypatch):
