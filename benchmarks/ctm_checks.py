@@ -94,7 +94,7 @@ def cached_references(teacher, recipe, d, n_fine: int, cache):
         return references(teacher, recipe, d, n_fine)
     path = Path(cache)
     if path.exists():
-        return torch.load(path)
+        return torch.load(path, weights_only=True)
     ref = references(teacher, recipe, d, n_fine)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ref, path)
