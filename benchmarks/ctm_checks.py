@@ -101,6 +101,17 @@ def cached_references(teacher, recipe, d, n_fine: int, cache):
     return ref
 
 
+def cache_path(folder, recipe, n: int, n_fine: int):
+    """The file of cached_references() in `folder` (None: no cache), keyed by teacher, grid, n and fine."""
+    if not folder:
+        return None
+    import hashlib
+
+    key = hashlib.sha256(f"{Path(recipe.method.teacher).resolve()}|{recipe.method.grid}|{n}|{n_fine}"
+                         .encode()).hexdigest()[:16]
+    return Path(folder) / f"ctm_checks_ref_{key}.pt"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="a ctm run or checkpoint folder")
@@ -128,14 +139,7 @@ def main() -> None:
     x0 = holdout.x[:args.n].float()
     start = time.time()
     d = draws(recipe, x0)
-    cache = None
-    if args.cache:
-        import hashlib
-
-        key = hashlib.sha256(f"{Path(recipe.method.teacher).resolve()}|{recipe.method.grid}|{args.n}|{args.fine}"
-                             .encode()).hexdigest()[:16]
-        cache = Path(args.cache) / f"ctm_checks_ref_{key}.pt"
-    ref = cached_references(teacher, recipe, d, args.fine, cache)
+    ref = cached_references(teacher, recipe, d, args.fine, cache_path(args.cache, recipe, args.n, args.fine))
     rows = {"init": checks(init.net.eval(), recipe, d, ref),
             f"step {trained.step}": checks(trained.net, recipe, d, ref)}
     a, b = rows["init"], rows[f"step {trained.step}"]
