@@ -127,7 +127,7 @@ def write(trainer) -> Path:
         tensors[f"target-{name}"] = trainable_state(target.module, like=model)
     scaler = getattr(acc, "scaler", None)
     state = {"step": trainer.step, "nonfinite": trainer.nonfinite, "pending": trainer.pending,
-             "pending_n": trainer.pending_n, "pending_count": trainer.pending_count, "last_eval": trainer.last_eval,
+             "pending_count": trainer.pending_count, "last_eval": trainer.last_eval,
              "data_shape": list(trainer.data.shape), "num_classes": trainer.data.num_classes,
              "data_kind": trainer.data.kind,
              "scaler": None if scaler is None else {k: (v.item() if torch.is_tensor(v) else v)
@@ -168,8 +168,8 @@ def read(trainer, ckpt: Path) -> None:
     trainer.step = int(state["step"])
     trainer.nonfinite = int(state.get("nonfinite", 0))
     trainer.pending = dict(state.get("pending", {}))
-    trainer.pending_n = int(state.get("pending_n", 0))
-    counts = state.get("pending_count", {k: trainer.pending_n for k in trainer.pending})  # older states: every step
+    # older states count the steps once (pending_n) for every term
+    counts = state.get("pending_count", {k: state.get("pending_n", 0) for k in trainer.pending})
     trainer.pending_count = {k: int(v) for k, v in counts.items()}
     trainer.last_eval = dict(state.get("last_eval", {}))
     trainer.scaler_state = state.get("scaler")

@@ -74,7 +74,7 @@ def lr_at(step: int, cfg, total: int) -> float:
         return cfg.lr * (step + 1) / w
     if cfg.decay == "constant" or total <= w:
         return cfg.lr
-    frac = min(1.0, (step - w) / max(1, total - w))
+    frac = min(1.0, (step - w) / (total - w))
     if cfg.decay == "linear":
         return cfg.lr * (1.0 - frac)
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
@@ -163,7 +163,7 @@ class Trainer:
         for name, part in self.method.parts().items():
             self.parts[name] = self._part(part.module, part.optim, part.ema_decay)
         self.targets = {name: TargetNetwork(self.gen.net, decay) for name, decay in self.method.targets().items()}
-        self.step, self.nonfinite, self.pending, self.pending_n, self.last_eval = 0, 0, {}, 0, {}
+        self.step, self.nonfinite, self.pending, self.last_eval = 0, 0, {}, {}
         self.pending_count = {}  # steps that reported each term (a phase's terms come on its steps only)
         self.scaler_state, self.trackers_on = None, False
         if resume_ckpt is not None:
@@ -391,17 +391,15 @@ class Trainer:
                 for k, v in terms.items():
                     self.pending[k] = self.pending.get(k, 0.0) + v
                     self.pending_count[k] = self.pending_count.get(k, 0) + 1
-                self.pending_n += 1
                 bar.set_postfix(loss=f"{terms.get('loss', float('nan')):.4g}", N=int(terms.get("N", 0)) or None,
                                 refresh=False)
             bar.update(1)
             step = self.step
             if step % t.log_every == 0 or step == t.steps:
-                if self.is_main and self.pending_n:
-                    row = {"step": step} | {k: v / self.pending_count.get(k, self.pending_n)
-                                            for k, v in sorted(self.pending.items())}
+                if self.is_main and self.pending:
+                    row = {"step": step} | {k: v / self.pending_count[k] for k, v in sorted(self.pending.items())}
                     self._log(row)
-                self.pending, self.pending_n, self.pending_count = {}, 0, {}
+                self.pending, self.pending_count = {}, {}
             if r.eval.every and (step % r.eval.every == 0 or step == t.steps):
                 self._in_loop_eval()
             # no checkpoint inside a streak of skipped steps: the last good one stays the newest
