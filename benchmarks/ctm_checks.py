@@ -43,6 +43,12 @@ def karras(n, lo, hi, rho=7.0):
     return [float(v) for v in karras_sigmas(n, lo, hi, rho).flip(0)]
 
 
+def heun17(teacher, recipe, z):
+    """The teacher's own 17-step Heun solve from z = x_T to sigma_min (NFE 35, EDM's setting)."""
+    p = recipe.precond
+    return heun(teacher, z, karras(18, p.sigma_min, p.sigma_max, p.rho))
+
+
 def draws(recipe, x0, seed: int = 0):
     """The random draws of one check, the same for every row: grid triples (t, u, s), x_t and the noise z."""
     p = recipe.precond
@@ -66,7 +72,7 @@ def references(teacher, recipe, d: dict, n_fine: int) -> dict:
     p = recipe.precond
     ref = {f"fine_{s_to:g}": heun(teacher, d["z"], karras(n_fine, s_to, p.sigma_max, p.rho))
            for s_to in JUMPS + (p.sigma_min,)}
-    ref["heun17"] = heun(teacher, d["z"], karras(18, p.sigma_min, p.sigma_max, p.rho))
+    ref["heun17"] = heun17(teacher, recipe, d["z"])
     ref["denoised"] = teacher(d["noisy"], d["sig"])
     return ref
 

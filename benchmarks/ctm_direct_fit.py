@@ -44,8 +44,7 @@ def main() -> None:
     teacher = load_teacher(recipe.method, recipe, run).eval()
     start = time.time()
     z = torch.randn(args.pairs, *run.shape, generator=torch.Generator().manual_seed(123)) * p.sigma_max
-    grid = cc.karras(18, p.sigma_min, p.sigma_max, p.rho)
-    y = torch.cat([cc.heun(teacher, z[i:i + 500], grid) for i in range(0, args.pairs, 500)])
+    y = torch.cat([cc.heun17(teacher, recipe, z[i:i + 500]) for i in range(0, args.pairs, 500)])
     print(f"{args.pairs} teacher 17-step Heun endpoints in {time.time() - start:.0f} s", flush=True)
 
     net = Generator.build(recipe, run.shape, run.num_classes).net

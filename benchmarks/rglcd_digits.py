@@ -212,12 +212,12 @@ def main(argv=None) -> int:
                 for k, v in r.items():
                     row[f"{k}_gain_ci95"] = mean_confidence_interval(v - base[steps][k])
             rows.append(row)
+            print(json.dumps(row))
             save_grid(x[:100], out / f"{Path(run).name}_{steps}step.png")
         metrics = read_metrics(Path(run) / "metrics.jsonl")
         for key in ("lcd", "reward", "lrm/agree", "lrm/loss"):
             save_curve(metrics, key, out / f"{Path(run).name}_{key.replace('/', '_')}.png", logy=key == "lcd",
                        title=f"{Path(run).name}: {key}")
-            print(json.dumps(row))
     (out / "table.json").write_text(json.dumps(rows, indent=2))
     lines = ["| run | steps | digit-class | JPEG -kB | ink | FD-digits | FD to teacher | digit-class gain (95% CI) "
              "| JPEG gain (95% CI) | LRM agreement |", "|---|---|---|---|---|---|---|---|---|---|"]
