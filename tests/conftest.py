@@ -22,6 +22,22 @@ def subprocess_env() -> dict:
     return env
 
 
+def launch_two_processes(cmgen_args, env=None):
+    """`cmgen *cmgen_args` under accelerate's launcher in two CPU processes (gloo); asserts it exits 0. The
+    launcher runs as a module: a venv that gets accelerate through a .pth has no `accelerate` script."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           str(Path(sys.executable).parent / "cmgen"), *map(str, cmgen_args)]
+    proc = subprocess.run(cmd, env=subprocess_env() if env is None else env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.fixture(autouse=True)
 def _fixed_threads():
     """In-process CLI calls set torch's thread count; put it back after every test."""

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from cmgen.errors import UserError
 from cmgen.recipe import from_tree, load_recipe, read_yaml, resolve_recipe_path
 from cmgen.train import Trainer, train
-from conftest import subprocess_env
+from conftest import launch_two_processes, subprocess_env
 
 BIN = Path(sys.executable).parent
 TINY = ["model.block_out_channels=[16,32]", "model.norm_num_groups=8", "model.attention_head_dim=8",
@@ -229,14 +229,9 @@ def test_fuzzed_recipes_load_or_fail_with_a_user_error(base, patch):
 # ------------------------------------------------------------------------------ 6. two processes
 
 def _launch(args, out, extra=()):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           str(BIN / "cmgen"), "train", "ict_digits", *args, "--out", str(out), "--no-progress", *extra]
     env = subprocess_env()
     env.pop("OMP_NUM_THREADS")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return launch_two_processes(["train", "ict_digits", *args, "--out", out, "--no-progress", *extra], env)
 
 
 def test_two_processes_match_one_process_and_resume(tmp_path):

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from cmgen.errors import UserError
 from cmgen.recipe import load_recipe
 from cmgen.train import train
-from conftest import subprocess_env
+from conftest import launch_two_processes, subprocess_env
 
 BIN = Path(sys.executable).parent
 TINY = ["model.block_out_channels=[16,32]", "model.norm_num_groups=8", "model.attention_head_dim=8",
@@ -243,13 +243,7 @@ def test_cpu_draws_are_those_of_a_cpu_generator_keyed_by_seed_step_and_draw():
 # ------------------------------------------------------------------------------ distributed evaluation
 
 def _launch(*args):
-    # accelerate's launcher as a module: a venv that gets accelerate through a .pth has no `accelerate` script
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", str(BIN / "cmgen"),
-           *map(str, args)]
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return launch_two_processes(args)
 
 
 @pytest.mark.slow
