@@ -6,9 +6,13 @@ Prints, for the student at initialisation (the teacher's Euler step) and after t
 - the 1-step jump G(x_T, T, sigma_min) against a fine ODE solve of the teacher (Heun, --fine steps on a
   Karras grid to sigma_min), beside the teacher's own 17-step Heun error against the same solve;
 - jumps T -> s against the fine solve at three intermediate s, and the denoiser g(x, t, t) against the
-  teacher's D(x, t).
+  teacher's D(x, t);
+- on 2-D points (ctm_toy2d), the research note's sample checks: sliced W2 of the 1-step samples, of the
+  teacher's 17-step Heun samples and of training points against the held-out points (the noise floor), the
+  share of samples within 3 std of their nearest mode and the largest deviation of a mode's mass from uniform.
 
     python benchmarks/ctm_checks.py runs/ctm_digits --n 200 --fine 200 [--cache runs/ctm_checks_cache]
+    python benchmarks/ctm_checks.py runs/ctm_toy2d --n 5000 --fine 512
 
 The teacher's side (the fine solves) is computed once for both rows; --cache keeps it for later runs.
 """
@@ -58,10 +62,11 @@ def draws(recipe, x0, seed: int = 0):
     # composition over random grid triples i < j <= l (t > u >= s), one triple per sample
     idx = torch.stack([torch.randperm(len(grid), generator=g)[:3].sort().values for _ in range(n)])
     t, u, s = (torch.tensor(grid)[idx[:, c]] for c in range(3))
-    x_t = x0 + t.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g)
+    view = (-1,) + (1,) * (x0.ndim - 1)
+    x_t = x0 + t.view(view) * torch.randn(x0.shape, generator=g)
     z = torch.randn(x0.shape, generator=g) * p.sigma_max
     sig = torch.exp(-1.2 + 1.2 * torch.randn(n, generator=g))
-    noisy = x0 + sig.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g)
+    noisy = x0 + sig.view(view) * torch.randn(x0.shape, generator=g)
     return {"t": t, "u": u, "s": s, "x_t": x_t, "z": z, "sig": sig, "noisy": noisy}
 
 
@@ -91,6 +96,32 @@ def checks(student, recipe, d: dict, ref: dict) -> dict:
         out[key] = rms(student(d["z"], full(T), full(s_to)), ref[f"fine_{s_to:g}"])
     out["teacher_heun17_rmse"] = rms(ref["heun17"], ref[f"fine_{smin:g}"])
     out["denoiser_vs_teacher_rmse"] = rms(student.denoise(d["noisy"], d["sig"]), ref["denoised"])
+    return out
+
+
+def mode_checks(samples: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Modes of labelled points `ref` (class means, their largest per-coordinate std): the share of `samples`
+    within 3 std of the nearest mode, and max over modes of |mass / (1/K) - 1| for the nearest-mode masses."""
+    k = int(labels.max()) + 1
+    centres = torch.stack([ref[labels == c].mean(0) for c in range(k)])
+    std = max(float(ref[labels == c].std(0).max()) for c in range(k))
+    dist, nearest = torch.cdist(samples.double(), centres.double()).min(1)
+    mass = torch.bincount(nearest, minlength=k).double() / len(samples)
+    return {"within_3std": float((dist <= 3 * std).double().mean()), "mode_mass_dev": float((mass * k - 1).abs().max())}
+
+
+def point_checks(student, recipe, d: dict, ref: dict, holdout, train_x) -> dict:
+    """Sliced W2 of the student's 1-step samples G(z, T, sigma_min) and of the teacher's 17-step Heun samples
+    against the held-out points, training points against them (the noise floor), and mode_checks of both."""
+    from cmgen.eval.metrics import sliced_wasserstein
+
+    n, p = len(d["z"]), recipe.precond
+    with torch.no_grad():
+        one = student(d["z"], torch.full((n,), p.sigma_max), torch.full((n,), p.sigma_min))
+    sw = lambda a: sliced_wasserstein(a.numpy(), holdout.x.numpy())  # noqa: E731
+    out = {"sw2_1step": sw(one), "sw2_teacher_heun17": sw(ref["heun17"]), "sw2_data_floor": sw(train_x[:n])}
+    for name, x in (("1step", one), ("teacher_heun17", ref["heun17"])):
+        out |= {f"{key}_{name}": v for key, v in mode_checks(x, holdout.x, holdout.labels).items()}
     return out
 
 
@@ -141,7 +172,10 @@ def main() -> None:
     teacher = load_teacher(recipe.method, recipe, trained).eval()
     init = Generator.build(recipe, trained.shape, trained.num_classes)
     init_from_teacher(init.net, teacher, recipe.method.teacher)
-    _, holdout = training_data(recipe, False)
+    data, holdout = training_data(recipe, False)
+    if holdout is None or len(holdout) < args.n:
+        raise SystemExit(f"{args.run}: the recipe holds out {0 if holdout is None else len(holdout)} examples, "
+                         f"--n {args.n} needs at least as many (lower --n or raise data.holdout)")
     x0 = holdout.x[:args.n].float()
     start = time.time()
     d = draws(recipe, x0)
@@ -150,7 +184,10 @@ def main() -> None:
             f"step {trained.step}": checks(trained.net, recipe, d, ref)}
     a, b = rows["init"], rows[f"step {trained.step}"]
     summary = {"composition_drop": a["composition_rms"] / b["composition_rms"],
-               "jump_over_teacher_heun17": b["jump_T_to_sigma_min_rmse"] / b["teacher_heun17_rmse"]}
+               "jump_over_teacher_heun17": b["jump_T_to_sigma_min_rmse"] / b["teacher_heun17_rmse"],
+               "jump_over_init_jump": b["jump_T_to_sigma_min_rmse"] / a["jump_T_to_sigma_min_rmse"]}
+    if holdout.kind == "points":
+        summary |= point_checks(trained.net, recipe, d, ref, holdout, data.x)
     keys = list(a)
     print(f"{'':28s}" + "".join(f"{k:>18s}" for k in rows))
     for k in keys:
@@ -158,6 +195,8 @@ def main() -> None:
     print(f"composition error falls {summary['composition_drop']:.2f}x (must be >= 4); the 1-step jump's error is "
           f"{summary['jump_over_teacher_heun17']:.2f}x the teacher's 17-step Heun error (must be <= 1.5); "
           f"{args.n} samples, fine solve {args.fine} Karras points, {time.time() - start:.0f}s")
+    if holdout.kind == "points":
+        print("points: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k not in rows["init"]))
     out = Path(args.out) if args.out else Path(trained.source).parents[1] / "eval" / "ctm_checks.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": rows, "summary": summary, "n": args.n, "fine": args.fine,

@@ -22,6 +22,18 @@ def subprocess_env() -> dict:
     return env
 
 
+def benchmark_module(name: str):
+    """The script benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def launch_two_processes(cmgen_args, env=None):
     """`cmgen *cmgen_args` under accelerate's launcher in two CPU processes (gloo); asserts it exits 0. The
     launcher runs as a module: a venv that gets accelerate through a .pth has no `accelerate` script."""

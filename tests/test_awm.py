@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import benchmark_module
 
 from cmgen.errors import UserError
 from cmgen.methods.awm import ghuber, prev_decay, stratified_indices
@@ -336,19 +337,8 @@ def test_missing_base_and_bad_batch_are_one_sentence(base_run, tmp_path):
         trainer_for("awm_digits_class", base_run, tmp_path, "method.null_label=false")
 
 
-def _benchmark(name):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_speed_benchmark_extends_the_lr_grid_until_the_best_is_bracketed():
-    b = _benchmark("awm_vs_flowgrpo")
+    b = benchmark_module("awm_vs_flowgrpo")
     assert [b.half_decade(x, True) for x in (3e-4, 1e-3, 3e-3)] == [1e-3, 3e-3, 1e-2]
     assert [b.half_decade(x, False) for x in (3e-4, 1e-3, 1e-4)] == [1e-4, 3e-4, 3e-5]
     peak = {1e-4: 0.4, 3e-4: 0.5, 1e-3: 0.6, 3e-3: 0.7, 1e-2: 0.65, 3e-2: float("nan")}

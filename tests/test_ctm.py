@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import benchmark_module
 
 from cmgen.errors import UserError
 from cmgen.methods import Batch, Nets
@@ -134,6 +135,52 @@ def test_a_checkpoint_without_the_s_branch_is_one_clear_sentence():
         init_from_teacher(student, other, "x")
 
 
+def test_two_time_mlp_starts_as_the_teachers_euler_step_and_its_s_branch_reaches_the_output():
+    from cmgen.models.mlp import MLPBackbone
+    from cmgen.models.two_time import TwoTimeMLPBackbone
+    from cmgen.pretrained import load_weights
+
+    torch.manual_seed(0)
+    teacher = perturb(EDMDenoiser(MLPBackbone(2, 32, 2), P), 0.05)
+    student = TrajectoryJump(MLPBackbone(2, 32, 2), P)
+    assert isinstance(student.backbone, TwoTimeMLPBackbone)
+    perturb(student.backbone.time_embedding_s, 0.5)                       # any s embedding: its projections are 0
+    init_from_teacher(student, teacher, "test")
+    x = torch.randn(5, 2) * 10
+    t = torch.tensor([80.0, 10.0, 1.0, 0.3, 0.01])
+    s = torch.tensor([0.002, 5.0, 0.5, 0.3, 0.002])
+    with torch.no_grad():
+        euler = x + (s - t).view(-1, 1) * (x - teacher(x, t)) / t.view(-1, 1)
+        assert (student(x, t, s) - euler).abs().max() <= 1e-5 * max(1.0, x.abs().max().item() / 10)
+        for block in student.backbone.blocks:                              # every block's s projection counts
+            perturb(block.emb_s, 0.2)
+            a = student(x, t, s, output="g")
+            b = student(x, t, s * 0.5, output="g")
+            assert (a - b).abs().max() > 1e-3
+            block.emb_s.reset_parameters()
+            torch.nn.init.zeros_(block.emb_s.weight)
+            torch.nn.init.zeros_(block.emb_s.bias)
+        perturb(student, 0.2)
+        err = (student(x, t, t) - x).abs()
+        assert (err <= 1e-6 * (1 + x.abs())).all()
+    with pytest.raises(UserError, match="no s branch.*method.teacher"):
+        load_weights(student, teacher.state_dict(), "teacher-ckpt")
+
+
+def test_ctm_on_points_trains_without_a_gan_and_refuses_one():
+    from cmgen.recipe import load_recipe
+
+    small = ["method.teacher=null", "model.hidden=32", "model.depth=2", "train.batch_size=16"]
+    r = load_recipe("ctm_toy2d", small)
+    m, nets = make_method_from(r)
+    out = m.loss(nets, Batch(torch.randn(16, 2) * 0.5, None, BatchRNG(0, 1, 16, 0, 16)), 0)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and out["lambda_dsm"] > 0
+    assert all(p.grad is not None for n, p in nets.model.named_parameters() if ".emb_s." in n)
+    with pytest.raises(UserError, match="method.gan_start needs image data.*gan_start: null"):
+        make_method_from(load_recipe("ctm_toy2d", small + ["method.gan_start=0"]))
+
+
 def UNet2DModel_wide():
     from diffusers import UNet2DModel
 
@@ -197,13 +244,18 @@ def test_teacher_takes_k_heun_steps_on_the_karras_grid():
 # ----------------------------------------------------------------------------- losses
 
 def make_method(*extra):
+    return make_method_from(tiny_recipe(*extra))[0]
+
+
+def make_method_from(r):
+    """(the method of recipe `r` on its data's shape, its nets)."""
     from cmgen.generator import Generator
     from cmgen.methods import build_method
 
-    r = tiny_recipe(*extra)
     torch.manual_seed(0)
-    gen = Generator.build(r, (1, 8, 8), 0)
-    return build_method(r, gen)
+    gen = Generator.build(r, (2,) if r.data.name == "toy2d" else (1, 8, 8), 0)
+    m = build_method(r, gen)
+    return m, nets_of(m)
 
 
 def nets_of(m, target_shift=0.0):
@@ -513,8 +565,8 @@ def test_bad_recipe_fields_name_the_field():
         make_method("method.teacher=nowhere")
     from cmgen.generator import Generator
 
-    with pytest.raises(UserError, match="model.arch: unet"):
-        Generator.build(tiny_recipe("model.arch=mlp", "data.name=toy2d"), (2,), 0)
+    with pytest.raises(UserError, match="model.arch: mlp, or unet with model.norm: group"):
+        Generator.build(tiny_recipe("model.norm=nsln"), (1, 8, 8), 0)
 
 
 def test_export_samples_equal_cmgen_sample_for_both_gammas(tmp_path):
@@ -595,3 +647,20 @@ def test_only_estimates_at_sigma_min_are_clipped():
     assert torch.allclose(out, (0.002 * z).clamp(-1, 1), atol=1e-6)      # intermediate states (|x| >> 1) not clipped
     out1 = ctm_gamma(skip, seeded(), times, gamma=1.0, clip_denoised=True)
     assert out1.abs().max() <= 1.0
+
+
+def test_ctm_checks_count_samples_near_modes_and_each_modes_mass():
+    mode_checks = benchmark_module("ctm_checks").mode_checks
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    labels = torch.arange(4).repeat(500)
+    ref = centres[labels] + 0.05 * torch.randn(2000, 2, generator=g)
+    on = centres[torch.tensor([0] * 300 + [1] * 100 + [2] * 100)] + 0.05 * torch.randn(500, 2, generator=g)
+    off = torch.zeros(500, 2)                                           # between the modes, 0.7 from each
+    got = mode_checks(torch.cat([on, off]), ref, labels)
+    assert abs(got["within_3std"] - 0.5) < 0.01
+    # nearest-mode masses: mode 0 holds 300 + its share of the 500 at the centre; mode 3 only that share
+    assert got["mode_mass_dev"] > 1.0
+    even = mode_checks(ref, ref, labels)
+    assert even["within_3std"] > 0.99 and even["mode_mass_dev"] < 1e-9

@@ -158,6 +158,9 @@ class TimmFeatures(nn.Module):
 
 def build_discriminator(cfg, shape) -> Discriminator:
     kind, w = cfg.disc_features, cfg.disc_channels
+    if len(shape) != 3:
+        raise UserError(f"method.gan_start needs image data (CTM's discriminator is convolutional), the data are "
+                        f"points of shape {list(shape)}; set method.gan_start: null")
     if kind == "own":
         return Discriminator(OwnFeatures(shape[0], w), [w, 2 * w], w)
     if kind == "digits":

@@ -6,7 +6,9 @@ projection `time_emb_proj.s` whose output is summed with the t projection before
 (scale/shift) modulation. The class embedding joins the t path only. Every teacher parameter keeps
 its diffusers name, so a student copies its teacher by name; the s projections start at zero, so at
 initialisation F(x, t, s) = F_teacher(x, t) for every s. `TwoTimeUNet2DModel` takes UNet2DModel's
-config keys and saves and loads like any diffusers model.
+config keys and saves and loads like any diffusers model. `TwoTimeMLPBackbone` does the same for the
+residual MLP of 2-D data: an s embedding MLP and a zero-initialised s projection `emb_s` in every block,
+summed with the block's t projection.
 """
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  diffusers 
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-S_BRANCH = ("time_embedding_s.", "time_emb_proj.s.")   # parameter names that only a two-time network has
+from cmgen.models.mlp import MLPBackbone, sinusoidal_embedding
+
+S_BRANCH = ("time_embedding_s.", "time_emb_proj.s.", ".emb_s.")   # parameter names only a two-time network has
 
 
 class TwoTimeLinear(nn.Linear):
@@ -104,17 +108,41 @@ class TwoTimeUNetBackbone(nn.Module):
         return self.unet(x, noise_t, noise_s, class_labels=class_labels, return_dict=False)[0]
 
 
-def two_time_backbone(backbone: nn.Module) -> TwoTimeUNetBackbone:
-    """The two-time version of a one-time UNet backbone (cmgen.models.unet.UNetBackbone): same config, same
-    weights for every shared name, the s branch added (s projections zero)."""
+class TwoTimeMLPBackbone(MLPBackbone):
+    """MLPBackbone conditioned on a second time s: F(x, c_noise(t), c_noise(s), y)."""
+    two_time = True
+
+    def __init__(self, dim: int, width: int = 256, depth: int = 4, num_classes: int = 0, dropout: float = 0.0):
+        super().__init__(dim, width, depth, num_classes, dropout)
+        self.time_embedding_s = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        for block in self.blocks:
+            block.emb_s = nn.Linear(width, 2 * width)
+            nn.init.zeros_(block.emb_s.weight)
+            nn.init.zeros_(block.emb_s.bias)
+
+    def forward(self, x, noise_t, noise_s=None, class_labels=None):
+        """s defaults to t (the denoiser g(x, t, t))."""
+        noise_s = noise_t if noise_s is None else noise_s
+        emb_s = nn.functional.silu(self.time_embedding_s(sinusoidal_embedding(noise_s, self.width)))
+        return self.trunk(x, self.embed(noise_t, class_labels), emb_s)
+
+
+def two_time_backbone(backbone: nn.Module) -> nn.Module:
+    """The two-time version of a one-time UNet backbone (cmgen.models.unet.UNetBackbone) or MLP backbone: same
+    config, same weights for every shared name, the s branch added (s projections zero)."""
     from cmgen.errors import UserError
 
+    if type(backbone) is MLPBackbone:
+        two = TwoTimeMLPBackbone(**backbone.config)
+        missing, unexpected = two.load_state_dict(backbone.state_dict(), strict=False)
+        assert not unexpected and all(is_s_branch(k) for k in missing), missing
+        return two
     unet = getattr(backbone, "unet", None)
     if isinstance(unet, TwoTimeUNet2DModel):   # a loaded CTM export
         return TwoTimeUNetBackbone(unet)
     if not isinstance(unet, UNet2DModel) or type(unet) is not UNet2DModel:
-        raise UserError("method 'ctm' needs model.arch: unet with model.norm: group (a diffusers UNet2DModel); "
-                        "set them in the recipe")
+        raise UserError("method 'ctm' needs model.arch: mlp, or unet with model.norm: group (a diffusers "
+                        "UNet2DModel); set them in the recipe")
     two = TwoTimeUNet2DModel(**dict(unet.config))
     missing, unexpected = two.load_state_dict(unet.state_dict(), strict=False)
     assert not unexpected and all(k.startswith(S_BRANCH) or ".time_emb_proj.s." in k for k in missing), missing
