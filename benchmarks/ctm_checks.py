@@ -12,7 +12,7 @@ Prints, for the student at initialisation (the teacher's Euler step) and after t
   share of samples within 3 std of their nearest mode and the largest deviation of a mode's mass from uniform.
 
     python benchmarks/ctm_checks.py runs/ctm_digits --n 200 --fine 200 [--cache runs/ctm_checks_cache]
-    python benchmarks/ctm_checks.py runs/ctm_toy2d --n 5000 --fine 512
+    python benchmarks/ctm_checks.py runs/ctm_toy2d --n 2000 --fine 256 --every-checkpoint
 
 The teacher's side (the fine solves) is computed once for both rows; --cache keeps it for later runs.
 """
@@ -158,23 +158,42 @@ def main() -> None:
     ap.add_argument("--cache", default=None, help="folder for the teacher's fine solves (reused by later calls with "
                     "the same teacher, --n and --fine)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--every-checkpoint", action="store_true", help="check every checkpoint of the run folder; "
+                    "writes eval/ctm_checks_<step>.json and the ratios against the step, eval/ctm_checks_curve.png")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from cmgen.checkpoint import list_checkpoints
+
+    if args.every_checkpoint:
+        ckpts = list_checkpoints(Path(args.run))
+        if not ckpts:
+            raise SystemExit(f"{args.run} has no checkpoints; --every-checkpoint takes a run folder")
+        results = [check_run(c, args, Path(args.run) / "eval" / f"ctm_checks_{c.name}.json") for c in ckpts]
+        curve = Path(args.run) / "eval" / "ctm_checks_curve.png"
+        save_check_curve([(r["step"], r["summary"]) for r in results], curve, Path(args.run).name)
+        print(f"wrote {curve}")
+    else:
+        check_run(args.run, args, Path(args.out) if args.out else None)
+
+
+def check_run(path, args, out) -> dict:
+    """The checks of one run or checkpoint folder against the student at initialisation, printed and written
+    to `out` (default <run>/eval/ctm_checks.json)."""
     from cmgen.data import training_data
     from cmgen.generator import Generator
     from cmgen.methods.ctm import init_from_teacher, load_teacher
     from cmgen.runs import load_model
 
-    trained = load_model(args.run, ema=True)
+    trained = load_model(path, ema=True)
     recipe = trained.recipe
     teacher = load_teacher(recipe.method, recipe, trained).eval()
     init = Generator.build(recipe, trained.shape, trained.num_classes)
     init_from_teacher(init.net, teacher, recipe.method.teacher)
     data, holdout = training_data(recipe, False)
     if holdout is None or len(holdout) < args.n:
-        raise SystemExit(f"{args.run}: the recipe holds out {0 if holdout is None else len(holdout)} examples, "
+        raise SystemExit(f"{path}: the recipe holds out {0 if holdout is None else len(holdout)} examples, "
                          f"--n {args.n} needs at least as many (lower --n or raise data.holdout)")
     x0 = holdout.x[:args.n].float()
     start = time.time()
@@ -197,11 +216,35 @@ def main() -> None:
           f"{args.n} samples, fine solve {args.fine} Karras points, {time.time() - start:.0f}s")
     if holdout.kind == "points":
         print("points: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k not in rows["init"]))
-    out = Path(args.out) if args.out else Path(trained.source).parents[1] / "eval" / "ctm_checks.json"
+    out = out or Path(trained.source).parents[1] / "eval" / "ctm_checks.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "summary": summary, "n": args.n, "fine": args.fine,
-                               "source": str(trained.source)}, indent=2))
+    result = {"rows": rows, "summary": summary, "n": args.n, "fine": args.fine, "source": str(trained.source),
+              "step": trained.step}
+    out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
+    return result
+
+
+def save_check_curve(points, path, title: str) -> None:
+    """The issue's two ratios against the training step, each with its threshold, as one PNG."""
+    from cmgen.plots import _pyplot
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
+    steps = [p[0] for p in points]
+    for ax, key, bar, label in ((axes[0], "composition_drop", 4.0, "composition error at init / trained (>= 4)"),
+                                (axes[1], "jump_over_teacher_heun17", 1.5,
+                                 "1-step jump error / teacher's 17-step Heun error (<= 1.5)")):
+        ax.plot(steps, [p[1][key] for p in points], "o-", lw=1)
+        ax.axhline(bar, color="0.5", ls="--", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{title}: CTM trajectory checks", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import difflib
 import importlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import torch
