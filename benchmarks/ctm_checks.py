@@ -164,13 +164,16 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from cmgen.checkpoint import list_checkpoints
-
     if args.every_checkpoint:
+        from cmgen.checkpoint import list_checkpoints
+
         ckpts = list_checkpoints(Path(args.run))
         if not ckpts:
             raise SystemExit(f"{args.run} has no checkpoints; --every-checkpoint takes a run folder")
-        results = [check_run(c, args, Path(args.run) / "eval" / f"ctm_checks_{c.name}.json") for c in ckpts]
+        results, shared = [], None   # the teacher's side is computed once for all checkpoints
+        for c in ckpts:
+            result, shared = check_run(c, args, Path(args.run) / "eval" / f"ctm_checks_{c.name}.json", shared)
+            results.append(result)
         curve = Path(args.run) / "eval" / "ctm_checks_curve.png"
         save_check_curve([(r["step"], r["summary"]) for r in results], curve, Path(args.run).name)
         print(f"wrote {curve}")
@@ -178,29 +181,38 @@ def main() -> None:
         check_run(args.run, args, Path(args.out) if args.out else None)
 
 
-def check_run(path, args, out) -> dict:
-    """The checks of one run or checkpoint folder against the student at initialisation, printed and written
-    to `out` (default <run>/eval/ctm_checks.json)."""
+def teacher_side(trained, args) -> dict:
+    """What every checkpoint of one run shares: the held-out data, the draws, the teacher's fine solves
+    (cached_references) and the checks of the student at initialisation (the teacher's Euler step)."""
     from cmgen.data import training_data
     from cmgen.generator import Generator
     from cmgen.methods.ctm import init_from_teacher, load_teacher
-    from cmgen.runs import load_model
 
-    trained = load_model(path, ema=True)
     recipe = trained.recipe
     teacher = load_teacher(recipe.method, recipe, trained).eval()
     init = Generator.build(recipe, trained.shape, trained.num_classes)
     init_from_teacher(init.net, teacher, recipe.method.teacher)
     data, holdout = training_data(recipe, False)
     if holdout is None or len(holdout) < args.n:
-        raise SystemExit(f"{path}: the recipe holds out {0 if holdout is None else len(holdout)} examples, "
+        raise SystemExit(f"{trained.source}: the recipe holds out {0 if holdout is None else len(holdout)} examples, "
                          f"--n {args.n} needs at least as many (lower --n or raise data.holdout)")
-    x0 = holdout.x[:args.n].float()
-    start = time.time()
-    d = draws(recipe, x0)
+    d = draws(recipe, holdout.x[:args.n].float())
     ref = cached_references(teacher, recipe, d, args.fine, cache_path(args.cache, recipe, args.n, args.fine))
-    rows = {"init": checks(init.net.eval(), recipe, d, ref),
-            f"step {trained.step}": checks(trained.net, recipe, d, ref)}
+    return {"data": data, "holdout": holdout, "d": d, "ref": ref, "init": checks(init.net.eval(), recipe, d, ref)}
+
+
+def check_run(path, args, out, shared=None) -> tuple[dict, dict]:
+    """The checks of one run or checkpoint folder against the student at initialisation, printed and written
+    to `out` (default <run>/eval/ctm_checks.json); (result, the teacher_side it used, computed when `shared`
+    is None)."""
+    from cmgen.runs import load_model
+
+    trained = load_model(path, ema=True)
+    recipe = trained.recipe
+    start = time.time()
+    shared = shared or teacher_side(trained, args)
+    data, holdout, d, ref = shared["data"], shared["holdout"], shared["d"], shared["ref"]
+    rows = {"init": shared["init"], f"step {trained.step}": checks(trained.net, recipe, d, ref)}
     a, b = rows["init"], rows[f"step {trained.step}"]
     summary = {"composition_drop": a["composition_rms"] / b["composition_rms"],
                "jump_over_teacher_heun17": b["jump_T_to_sigma_min_rmse"] / b["teacher_heun17_rmse"],
@@ -222,7 +234,7 @@ def check_run(path, args, out) -> dict:
               "step": trained.step}
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
-    return result
+    return result, shared
 
 
 def save_check_curve(points, path, title: str) -> None:

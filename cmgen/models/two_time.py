@@ -145,7 +145,7 @@ def two_time_backbone(backbone: nn.Module) -> nn.Module:
                         "UNet2DModel); set them in the recipe")
     two = TwoTimeUNet2DModel(**dict(unet.config))
     missing, unexpected = two.load_state_dict(unet.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith(S_BRANCH) or ".time_emb_proj.s." in k for k in missing), missing
+    assert not unexpected and all(is_s_branch(k) for k in missing), missing
     return TwoTimeUNetBackbone(two)
 
 
