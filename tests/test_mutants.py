@@ -108,3 +108,73 @@ def test_ict_teacher_is_under_stop_gradient_and_the_student_carries_the_gradient
     p = method.pair(gen.net, Batch(x, None, BatchRNG(0, 0, 4, 0, 4)), 0)
     assert not p.target.requires_grad and p.target.grad_fn is None
     assert p.pred.requires_grad
+
+
+# ----------------------------------------------------------------------------- CTM, latent CT, AWM, RG-LCD
+
+def test_ctm_pseudo_huber_distance_defaults_to_icts_c_for_the_sample_size():  # mutant: c of sqrt(1)
+    from cmgen.methods.ctm import Config, distance_fn
+
+    a, b = torch.zeros(2, 1, 8, 8), torch.full((2, 1, 8, 8), 0.01)
+    c = 0.00054 * 8                                   # 0.00054 sqrt(d), d = 64
+    got = distance_fn(Config(distance="pseudo_huber"), 64, "cpu")(a, b)
+    assert torch.allclose(got, torch.full((2,), (64e-4 + c * c) ** 0.5 - c), rtol=1e-5)
+    assert torch.allclose(distance_fn(Config(distance="pseudo_huber", huber_c=0.1), 64, "cpu")(a, b),
+                          torch.full((2,), (64e-4 + 0.01) ** 0.5 - 0.1), rtol=1e-5)
+
+
+def test_the_discriminator_step_gives_no_gradient_to_the_fakes():  # mutant: fake not detached
+    from cmgen.methods.ctm_gan import discriminator_loss
+    from cmgen.rng import BatchRNG
+
+    torch.manual_seed(0)
+    disc = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    fake = torch.randn(4, 1, 8, 8, requires_grad=True)
+    discriminator_loss(disc, torch.randn(4, 1, 8, 8), fake, BatchRNG(0, 0, 4, 0, 4), "")["loss"].backward()
+    assert fake.grad is None
+    assert disc[1].weight.grad.abs().sum() > 0      # the discriminator itself learns
+
+
+def test_diffaugment_color_is_brightness_saturation_then_contrast_in_their_ranges():  # mutant: contrast range
+    from cmgen.methods.ctm_gan import diff_augment
+    from cmgen.rng import BatchRNG
+
+    x = torch.randn(64, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    out = diff_augment(x, BatchRNG(0, 0, 64, 0, 64), "color")
+    rng = BatchRNG(0, 0, 64, 0, 64)
+    brightness, saturation, contrast = (rng.rand(1, 1, 1) for _ in range(3))
+    want = x + brightness - 0.5                                       # DiffAugment: + U[-0.5, 0.5]
+    mean = want.mean(1, keepdim=True)
+    want = (want - mean) * (2 * saturation) + mean                    # x U[0, 2] about the channel mean
+    mean = want.mean((1, 2, 3), keepdim=True)
+    want = (want - mean) * (contrast + 0.5) + mean                    # x U[0.5, 1.5] about the image mean
+    assert torch.allclose(out, want, atol=1e-5)
+    # a grey image keeps its mean under saturation and contrast: only the brightness moves it
+    grey = torch.full((64, 3, 4, 4), 0.25)
+    moved = diff_augment(grey, BatchRNG(0, 0, 64, 0, 64), "color").mean((1, 2, 3))
+    assert torch.allclose(moved, 0.25 + brightness.flatten() - 0.5, atol=1e-6)
+
+
+def test_awm_loss_times_are_new_each_step_and_each_micro_batch():  # mutant: times not keyed by the step
+    from types import SimpleNamespace
+
+    from cmgen.methods.awm import Config, Method
+
+    owner = SimpleNamespace(cfg=Config(rollout_steps=14, timesteps=4), times=torch.linspace(1.0, 0.0, 14))
+    times = lambda step, offset=0: Method.loss_times(owner, SimpleNamespace(  # noqa: E731
+        rng=SimpleNamespace(seed=0, step=step, offset=offset)))
+    per_step = {tuple(times(s).tolist()) for s in range(8)}
+    assert len(per_step) >= 6                                          # 3^4 stratified choices: repeats are rare
+    assert torch.equal(times(3), times(3))                             # keyed: the same step draws the same times
+    assert len({tuple(times(2, o).tolist()) for o in (0, 8, 16, 24)}) >= 3
+
+
+def test_lrm_cross_entropy_makes_the_real_latent_the_winner_of_its_pairs():  # mutant: the generated latent wins
+    from cmgen.rewards.lrm import pairwise_real_ce
+
+    lrm = torch.tensor([[0.0, 1.0, 2.0], [3.0, -1.0, 0.5]], requires_grad=True)   # [B, (f, target, real)]
+    want = torch.stack([torch.log1p(torch.exp(lrm[:, a] - lrm[:, 2])) for a in (0, 1)], 1).mean()
+    got = pairwise_real_ce(lrm)
+    assert torch.allclose(got, want)
+    got.backward()
+    assert (lrm.grad[:, 2] < 0).all() and (lrm.grad[:, :2] > 0).all()   # descent raises the real latent's score

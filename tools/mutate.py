@@ -27,8 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 NEW = ("tests/test_mutants.py", "tests/test_scale.py")
 CORE = ["tests/test_formulas.py", "tests/test_ict.py", "tests/test_ict_pinned.py", "tests/test_mutants.py"]
 SAMPLING = ["tests/test_sampling.py", "tests/test_edm_flow.py", "tests/test_mutants.py"]
+# the ImageNet-64 smoke test (two minutes) is left out: it checks that the recipe runs, not a formula
+CTM = ["tests/test_ctm.py", "--deselect=tests/test_ctm.py::test_ctm_gpu_recipes_smoke_on_the_cpu", "tests/test_mutants.py"]
+AWM = ["tests/test_awm.py", "tests/test_awm_lora.py", "tests/test_mutants.py"]
+LCD = ["tests/test_ldm_formulas.py", "tests/test_lcd.py", "tests/test_ldm_rewards.py", "tests/test_lcd_sd.py",
+       "tests/test_mutants.py"]
 TESTS = {
-    "cmgen/precond.py": CORE + ["tests/test_edm_flow.py"],
+    "cmgen/precond.py": CORE + ["tests/test_edm_flow.py"] + CTM[:2],
     "cmgen/schedules.py": CORE,
     "cmgen/losses.py": CORE,
     "cmgen/methods/ict.py": CORE,
@@ -39,6 +44,17 @@ TESTS = {
     "sampling/edm.py": SAMPLING,
     "sampling/flow.py": SAMPLING,
     "sampling/generate.py": SAMPLING,
+    "cmgen/models/two_time.py": CTM,
+    "cmgen/methods/ctm.py": CTM,
+    "cmgen/methods/ctm_gan.py": CTM,
+    "sampling/ctm.py": CTM,
+    "cmgen/methods/lct.py": ["tests/test_lct.py", "tests/test_mutants.py"],
+    "cmgen/models/nsln.py": ["tests/test_nsln.py", "tests/test_export_nsln.py", "tests/test_mutants.py"],
+    "cmgen/methods/awm.py": AWM,
+    "cmgen/methods/rollout.py": AWM,
+    "cmgen/vp.py": LCD,
+    "cmgen/methods/lcd.py": LCD,
+    "cmgen/rewards/lrm.py": LCD,
 }
 
 
@@ -101,10 +117,102 @@ MUTANTS = [
     M("flow euler: sign of the step", "sampling/flow.py", "x = x + (t_next - t) * v(x, t)", "x = x - (t_next - t) * v(x, t)"),
     M("flow sde: std without sqrt", "sampling/flow.py", "std = sig * math.sqrt(-dt)", "std = sig * (-dt)"),
     M("generate: image seed ignores its index", "sampling/generate.py", "noise = per_image_noise((seed + idx).tolist(), gen.shape, device)", "noise = per_image_noise([seed] * len(idx), gen.shape, device)"),
+    # CTM (Kim et al. 2024): the jump, the two-time network, the draws, the losses, the GAN, gamma-sampling
+    M("ctm jump: s/t inverted", "cmgen/precond.py", "ratio = _expand(s / t, x)", "ratio = _expand(t / s, x)"),
+    M("ctm jump: skip and g weights swapped", "cmgen/precond.py", "return ratio * x.float() + (1.0 - ratio) * self.g(", "return (1.0 - ratio) * x.float() + ratio * self.g("),
+    M("ctm g: scaled in s, not t", "cmgen/precond.py", "te, x32 = _expand(t, x), x.float()", "te, x32 = _expand(s, x), x.float()"),
+    M("ctm g: backbone sees t as s", "cmgen/precond.py", "c_noise(t, conv), c_noise(s, conv), class_labels)", "c_noise(t, conv), c_noise(t, conv), class_labels)"),
+    M("two-time unet: s projection dropped", "cmgen/models/two_time.py", "return super().forward(h_t) + self.s(h_s)", "return super().forward(h_t)"),
+    M("two-time unet: s embedding of t", "cmgen/models/two_time.py", "self.time_embedding_s(self.time_proj(s).to(self.dtype))", "self.time_embedding_s(self.time_proj(t).to(self.dtype))"),
+    M("two-time unet: s projection not zero at init", "cmgen/models/two_time.py", "        nn.init.zeros_(self.s.weight)\n", ""),
+    M("ctm: P(k) uniform", "cmgen/methods/ctm.py", "    return k / k.sum()", "    return torch.ones_like(k) / len(k)"),
+    M("ctm: k drawn from 0..K-1", "cmgen/methods/ctm.py", "generator=keyed_generator(rng.seed, rng.step, *rng.stream, \"ctm-k\")).item()) + 1", "generator=keyed_generator(rng.seed, rng.step, *rng.stream, \"ctm-k\")).item()) + 0"),
+    M("ctm: t index may exceed N-1-k", "cmgen/methods/ctm.py", "i_t = rng.randint(0, N - k).cpu()", "i_t = rng.randint(0, N).cpu().clamp(max=N - 1 - k)"),
+    M("ctm: s always at u", "cmgen/methods/ctm.py", "i_s = i_t + k + (rng.rand().cpu() * (N - i_t - k)).floor()", "i_s = i_t + k + (rng.rand().cpu() * 0).floor()"),
+    M("ctm teacher: euler, not heun", "cmgen/methods/ctm.py", "            x = x + h * 0.5 * (d + d_e)", "            x = x_e"),
+    M("ctm teacher: second slope at t", "cmgen/methods/ctm.py", "d_e = (x_e - teacher(x_e, t_next, labels).float()) / t_next.view(view)", "d_e = (x_e - teacher(x_e, t, labels).float()) / t.view(view)"),
+    M("ctm teacher: k - 1 steps", "cmgen/methods/ctm.py", "        for j in range(k):\n", "        for j in range(k - 1):\n"),
+    M("ctm: target from x_t, not x_u", "cmgen/methods/ctm.py", "tgt = self.outer(nets, nets.model(x_u, u, s, labels), s, labels)", "tgt = self.outer(nets, nets.model(x_t, u, s, labels), s, labels)"),
+    M("ctm: target's inner jump by theta-minus", "cmgen/methods/ctm.py", "tgt = self.outer(nets, nets.model(x_u, u, s, labels), s, labels)", "tgt = self.outer(nets, nets.target(x_u, u, s, labels), s, labels)"),
+    M("ctm: outer jump to s, not sigma_min", "cmgen/methods/ctm.py", "return nets.target(x_s, s, torch.full_like(s, self.recipe.precond.sigma_min), labels)", "return nets.target(x_s, s, s, labels)"),
+    M("ctm: outer jump by the student", "cmgen/methods/ctm.py", "return nets.target(x_s, s, torch.full_like(s, self.recipe.precond.sigma_min), labels)", "return nets.model(x_s, s, torch.full_like(s, self.recipe.precond.sigma_min), labels)"),
+    M("ctm: estimate without the outer jump", "cmgen/methods/ctm.py", "        est = self.outer(nets, leaf, s, batch.labels)\n", "        est = leaf\n"),
+    M("ctm dsm: karras r not scaled", "cmgen/methods/ctm.py", "karras = dsm_karras_sigma(c.dsm_karras_r * rng.rand(),", "karras = dsm_karras_sigma(rng.rand(),"),
+    M("ctm dsm: karras(r) runs from sigma_min", "cmgen/methods/ctm.py", "    return (hi + r * (lo - hi)) ** rho", "    return (lo + r * (hi - lo)) ** rho"),
+    M("ctm dsm: lognormal half by local index", "cmgen/methods/ctm.py", "first = (rng.offset + torch.arange(rng.count, device=lognormal.device)) < rng.global_batch // 2", "first = torch.arange(rng.count, device=lognormal.device) < rng.count // 2"),
+    M("ctm dsm: unweighted", "cmgen/methods/ctm.py", "return (edm_loss_weight(sigma, self.recipe.precond.sigma_data) * mse).mean()", "return mse.mean()"),
+    M("ctm dsm: G, not g", "cmgen/methods/ctm.py", "g = nets.model(x + n, sigma, sigma, batch.labels, output=\"g\")", "g = nets.model(x + n, sigma, torch.full_like(sigma, 0.002), batch.labels)"),
+    M("ctm adaptive weight: inverted", "cmgen/methods/ctm.py", "return (g_ref.norm() / (g_other.norm() + 1e-4)).clamp(lo, hi).detach()", "return (g_other.norm() / (g_ref.norm() + 1e-4)).clamp(lo, hi).detach()"),
+    M("ctm adaptive weight: not clamped", "cmgen/methods/ctm.py", "return (g_ref.norm() / (g_other.norm() + 1e-4)).clamp(lo, hi).detach()", "return (g_ref.norm() / (g_other.norm() + 1e-4)).detach()"),
+    M("ctm adaptive weight: first layer, not last", "cmgen/methods/ctm.py", "    return order[-1].weight", "    return order[0].weight"),
+    M("ctm gan: lambda not clipped to [0.01, 10]", "cmgen/methods/ctm.py", "GAN_WEIGHT_RANGE = (0.01, 10.0)", "GAN_WEIGHT_RANGE = (0.0, 1e4)"),
+    M("ctm pseudo-huber: c of iCT ignored", "cmgen/methods/ctm.py", "c = cfg.huber_c if cfg.huber_c is not None else ict_huber_c(dim)", "c = cfg.huber_c if cfg.huber_c is not None else ict_huber_c(1)"),
+    M("hinge d: fake sign", "cmgen/methods/ctm_gan.py", "F.relu(1 + fake_logits).mean(0)).sum()", "F.relu(1 - fake_logits).mean(0)).sum()"),
+    M("hinge g: sign", "cmgen/methods/ctm_gan.py", "return -fake_logits.mean(0).sum()", "return fake_logits.mean(0).sum()"),
+    M("gan: discriminator sees the fake with its gradient", "cmgen/methods/ctm_gan.py", "fake_logits = disc(diff_augment(fake.detach().float(), rng, policy))", "fake_logits = disc(diff_augment(fake.float(), rng, policy))"),
+    M("diffaugment: translation ratio 1/4", "cmgen/methods/ctm_gan.py", "TRANSLATION_RATIO = 1 / 8", "TRANSLATION_RATIO = 1 / 4"),
+    M("diffaugment: cutout keeps the inside", "cmgen/methods/ctm_gan.py", "return x * (~inside)[:, None].to(x.dtype)", "return x * inside[:, None].to(x.dtype)"),
+    M("diffaugment: contrast range", "cmgen/methods/ctm_gan.py", "return (x - mean) * (_u(rng, x) + 0.5) + mean", "return (x - mean) * (_u(rng, x) + 1.0) + mean"),
+    M("gamma: s without sqrt(1 - gamma^2)", "sampling/ctm.py", "return math.sqrt(max(0.0, 1.0 - gamma * gamma)) * (t_next - sigma_min) + sigma_min", "return (1.0 - gamma) * (t_next - sigma_min) + sigma_min"),
+    M("gamma: renoise to t_next, not sqrt(t_next^2 - s^2)", "sampling/ctm.py", "x = x + math.sqrt(max(0.0, t_next**2 - s**2)) * noise(n + 1).float()", "x = x + t_next * noise(n + 1).float()"),
+    M("gamma: last jump to s, not sigma_min", "sampling/ctm.py", "s = gamma_target(t_next, gamma, sigma_min) if n + 1 < len(times) else sigma_min", "s = gamma_target(t_next, gamma, sigma_min)"),
+    M("gamma: times one point short", "sampling/ctm.py", "grid = karras_sigmas(steps + 1, sigma_min, sigma_max, rho).flip(0)", "grid = karras_sigmas(steps, sigma_min, sigma_max, rho).flip(0)"),
+    # latent CT (Dao et al. 2025)
+    M("lct cauchy: 2c^2 -> c^2", "cmgen/methods/lct.py", "return torch.log1p(m / (2 * c * c))", "return torch.log1p(m / (c * c))"),
+    M("lct cauchy: log dropped", "cmgen/methods/lct.py", "return torch.log1p(m / (2 * c * c))", "return m / (2 * c * c)"),
+    M("lct adaptive c: exponent", "cmgen/methods/lct.py", "return math.exp(-1.15 * math.log(n - 1) - 0.85)", "return math.exp(-1.0 * math.log(n - 1) - 0.85)"),
+    M("lct adaptive c: N, not N - 1", "cmgen/methods/lct.py", "return math.exp(-1.15 * math.log(n - 1) - 0.85)", "return math.exp(-1.15 * math.log(n) - 0.85)"),
+    M("lct adaptive c: from the first stage", "cmgen/methods/lct.py", "if not self.cfg.adaptive_c or n <= self.cfg.s0 + 1:", "if not self.cfg.adaptive_c:"),
+    M("lct c0: iCT's sqrt(d) scaling", "cmgen/methods/lct.py", "self.c0 = cfg.c if cfg.c is not None else C0", "self.c0 = cfg.c if cfg.c is not None else 0.00054 * math.prod(gen.shape) ** 0.5"),
+    M("lct diffusion: mask from the teacher's index", "cmgen/methods/lct.py", "return (n - 2 - i) >= math.floor(self.cfg.diffusion_from * n)", "return i >= math.floor(self.cfg.diffusion_from * n)"),
+    M("lct diffusion: weight 1/t^2 only", "cmgen/methods/lct.py", "per = (1.0 / sigma_s**2 + 1.0 / sd**2) * mse", "per = (1.0 / sigma_s**2) * mse"),
+    M("lct diffusion: mean over the batch, not the masked samples", "cmgen/methods/lct.py", ".sum() / count.clamp(min=1)", ".sum() / len(mask)"),
+    M("lct ot: the pairing not applied", "cmgen/methods/lct.py", "        z_all = z_all[ot_pairing(x_all, z_all)]\n", ""),
+    M("lct ot: distance, not squared", "cmgen/methods/lct.py", "z.flatten(1).double().cpu()).pow(2).numpy()", "z.flatten(1).double().cpu()).pow(1).numpy()"),
+    M("lct ot: noise not keyed by the step", "cmgen/methods/lct.py", "generator=keyed_generator(first.seed, first.step, \"ot-noise\"))", "generator=keyed_generator(first.seed, \"ot-noise\"))"),
+    M("lct pseudo-huber: - c dropped", "cmgen/methods/lct.py", "    return torch.sqrt(m + c * c) - c", "    return torch.sqrt(m + c * c)"),
+    M("nsln: gamma learnable (a weight)", "cmgen/models/nsln.py", "F.layer_norm(x.flatten(1), (n,), None, self.bias.flatten(), self.eps)", "F.layer_norm(x.flatten(1), (n,), 2.0 + self.bias.flatten(), self.bias.flatten(), self.eps)"),
+    # AWM (Xue et al. 2025) and the rollouts
+    M("awm: x_t interpolates the wrong way", "cmgen/methods/awm.py", "xt = (1 - tv) * x0r + tv * eps", "xt = tv * x0r + (1 - tv) * eps"),
+    M("awm: velocity target sign", "cmgen/methods/awm.py", "m = (v - (eps - x0r).float()).pow(2)", "m = (v - (x0r - eps).float()).pow(2)"),
+    M("awm: advantage not applied", "cmgen/methods/awm.py", "loss = (adv.float().repeat(T) * ell).mean()", "loss = ell.mean()"),
+    M("awm: advantages of the wrong samples", "cmgen/methods/awm.py", "loss = (adv.float().repeat(T) * ell).mean()", "loss = (adv.float().repeat_interleave(T) * ell).mean()"),
+    M("awm ghuber: not weighted by t", "cmgen/methods/awm.py", "return t * ((m + GHUBER_EPS) ** p - GHUBER_EPS ** p) / p", "return ((m + GHUBER_EPS) ** p - GHUBER_EPS ** p) / p"),
+    M("awm prev decay: not capped", "cmgen/methods/awm.py", "    return min(cap, rate * step)", "    return rate * step"),
+    M("awm: previous-policy copy with gradient", "cmgen/methods/awm.py", "        if c.beta_prev > 0:\n            with torch.no_grad():\n                v_prev", "        if c.beta_prev > 0:\n            if True:\n                v_prev"),
+    M("awm times: strata ignored", "cmgen/methods/awm.py", "return torch.tensor([int(s[min(len(s) - 1, int(ui * len(s)))]) for s, ui in zip(strata, u.tolist())])", "return torch.tensor([int(s[0]) for s, ui in zip(strata, u.tolist())])"),
+    M("awm times: not keyed by the step", "cmgen/methods/awm.py", "gen = keyed_generator(batch.rng.seed, batch.rng.step, \"awm-times\", batch.rng.offset)", "gen = keyed_generator(batch.rng.seed, \"awm-times\", batch.rng.offset)"),
+    M("advantages: std with ddof 1", "cmgen/methods/rollout.py", "std_all = r.std(unbiased=False)", "std_all = r.std(unbiased=True)"),
+    M("advantages: not divided by the clip", "cmgen/methods/rollout.py", "return (adv.clamp(-clip, clip) / clip).to(rewards.dtype)", "return adv.clamp(-clip, clip).to(rewards.dtype)"),
+    M("advantages: global mean, not the group's", "cmgen/methods/rollout.py", "adv[m] = (rg - rg.mean()) / (std + eps)", "adv[m] = (rg - r.mean()) / (std + eps)"),
+    M("advantages: group std always", "cmgen/methods/rollout.py", "std = std_all if global_std else rg.std(unbiased=False)", "std = rg.std(unbiased=False)"),
+    M("rollout conditions: not repeated in groups", "cmgen/methods/rollout.py", "return perm[:conditions].repeat_interleave(k)", "return perm[:conditions].repeat(k)"),
+    # RG-LCD (Li et al. 2024) and the VP / LCM formulas
+    M("vp: betas linear, not scaled-linear", "cmgen/vp.py", "return torch.linspace(self.beta_start**0.5, self.beta_end**0.5, t, dtype=torch.float32) ** 2", "return torch.linspace(self.beta_start, self.beta_end, t, dtype=torch.float32)"),
+    M("vp: noise scale without sqrt", "cmgen/vp.py", "return _bcast(ab.sqrt(), like), _bcast((1 - ab).sqrt(), like)", "return _bcast(ab.sqrt(), like), _bcast(1 - ab, like)"),
+    M("vp: v-prediction x0 sign", "cmgen/vp.py", "return a * z - s * out, a * out + s * z", "return a * z + s * out, a * out + s * z"),
+    M("ddim: eps weight without sqrt", "cmgen/vp.py", "return ab.sqrt() * x0 + (1 - ab).sqrt() * eps", "return ab.sqrt() * x0 + (1 - ab) * eps"),
+    M("lcm scalings: sd factor in c_out", "cmgen/vp.py", "c_out = s / (s**2 + sigma_data**2) ** 0.5", "c_out = s * sigma_data / (s**2 + sigma_data**2) ** 0.5"),
+    M("lcm scalings: timestep scaling dropped", "cmgen/vp.py", "s = torch.as_tensor(t, dtype=torch.float32) * timestep_scaling", "s = torch.as_tensor(t, dtype=torch.float32)"),
+    M("guidance embedding: w not times 1000", "cmgen/vp.py", "w = torch.as_tensor(w, dtype=torch.float32).reshape(-1) * 1000.0", "w = torch.as_tensor(w, dtype=torch.float32).reshape(-1)"),
+    M("skip-step grid: k j, not k j - 1", "cmgen/vp.py", "return torch.arange(1, original_steps + 1, dtype=torch.long) * k - 1", "return torch.arange(0, original_steps, dtype=torch.long) * k"),
+    M("lcd: guidance sign", "cmgen/methods/lcd.py", "x0_g, eps_g = x0_c + wv * (x0_c - x0_u), eps_c + wv * (eps_c - eps_u)", "x0_g, eps_g = x0_c - wv * (x0_c - x0_u), eps_c - wv * (eps_c - eps_u)"),
+    M("lcd: guided x0 but unguided eps", "cmgen/methods/lcd.py", "x0_g, eps_g = x0_c + wv * (x0_c - x0_u), eps_c + wv * (eps_c - eps_u)", "x0_g, eps_g = x0_c + wv * (x0_c - x0_u), eps_c"),
+    M("lcd: solver step to the same time", "cmgen/methods/lcd.py", "prev = torch.where(n > 0, grid[(n - 1).clamp(min=0)], torch.zeros_like(n))", "prev = grid[n]"),
+    M("lcd: t_e = t_s", "cmgen/methods/lcd.py", "t_e = (t_s - self.k).clamp(min=0)", "t_e = t_s"),
+    M("lcd: w drawn from [0, w_max]", "cmgen/methods/lcd.py", "w = (cfg.w_min + (cfg.w_max - cfg.w_min) * rng.rand()).to(x0.device)", "w = (cfg.w_max * rng.rand()).to(x0.device)"),
+    M("lcd huber: - c dropped", "cmgen/methods/lcd.py", "return (torch.sqrt((a.float() - b.float()) ** 2 + c * c) - c).mean()", "return torch.sqrt((a.float() - b.float()) ** 2 + c * c).mean()"),
+    M("rg-lcd: reward added, not subtracted", "cmgen/methods/lcd.py", "                loss = loss - cfg.reward_scale * r.mean()\n            elif", "                loss = loss + cfg.reward_scale * r.mean()\n            elif"),
+    M("lrm kl: direction swapped", "cmgen/rewards/lrm.py", "kls.append((p_log.exp() * (p_log - q_log)).sum(1))", "kls.append((q_log.exp() * (q_log - p_log)).sum(1))"),
+    M("lrm ce: the generated latent wins", "cmgen/rewards/lrm.py", "losses = [-torch.log_softmax(lrm[:, [a, 2]].float(), 1)[:, 1] for a in (0, 1)]", "losses = [-torch.log_softmax(lrm[:, [a, 2]].float(), 1)[:, 0] for a in (0, 1)]"),
 ]
 
 # mutants that change no observable behaviour, with the reason (checked by hand)
-EQUIVALENT: dict[str, str] = {}
+EQUIVALENT: dict[str, str] = {
+    "gamma: last jump to s, not sigma_min": "gamma_target(sigma_min, gamma, sigma_min) is sigma_min for every gamma",
+    "awm: previous-policy copy with gradient": "the copy's weights never take a gradient (TargetNetwork is "
+                                               "requires_grad False), so v_prev carries none either way",
+}
 
 
 def private_copy() -> Path:
