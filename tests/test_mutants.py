@@ -1,5 +1,6 @@
 """Formulas the mutation run (tools/mutate.py) found untested: each test fails on the planted bug named."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -178,3 +179,77 @@ def test_lrm_cross_entropy_makes_the_real_latent_the_winner_of_its_pairs():  # m
     assert torch.allclose(got, want)
     got.backward()
     assert (lrm.grad[:, 2] < 0).all() and (lrm.grad[:, :2] > 0).all()   # descent raises the real latent's score
+
+
+# ----------------------------------------------------------------------------- evaluation, latents, rewards
+
+def test_rbf_mmd_is_the_unbiased_sum_over_bandwidths_of_gaussian_kernels():  # mutant: h not squared
+    import numpy as np
+
+    from eval.metrics import mmd2_rbf
+
+    x, y = np.array([[0.0], [0.3]]), np.array([[1.0], [1.5], [0.2]])
+    k = lambda a, b, h: np.exp(-(a - b) ** 2 / (2 * h * h))  # noqa: E731
+    want = 0.0
+    for h in (0.2, 0.5):
+        kxx = k(0.0, 0.3, h)                                            # the 2 off-diagonal pairs, each twice
+        kyy = sum(k(a, b, h) for a in (1.0, 1.5, 0.2) for b in (1.0, 1.5, 0.2) if a != b) / 6
+        kxy = np.mean([k(a, b, h) for a in (0.0, 0.3) for b in (1.0, 1.5, 0.2)])
+        want += kxx + kyy - 2 * kxy
+    assert mmd2_rbf(x, y, bandwidths=(0.2, 0.5)) == pytest.approx(want, rel=1e-12)
+
+
+def test_sd_codec_encodes_to_shifted_scaled_latents_and_defaults_to_sds_scale():  # mutants: shift sign, default
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL
+
+    from cmgen.latents import LatentCodec, sd_factors
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, scaling_factor=0.5, shift_factor=0.25).eval()
+    codec = LatentCodec.sd(vae, (4, 4, 4))
+    z = torch.randn(3, 4, 4, 4)
+    assert torch.allclose(codec.normalise(z), (z - 0.25) * 0.5)        # SD3's (z - shift) * scale
+    assert torch.allclose(codec.denormalise(codec.normalise(z)), z, atol=1e-6)
+    assert sd_factors(SimpleNamespace(config=SimpleNamespace())) == (0.18215, 0.0)   # SD 1.x, no shift
+    assert sd_factors(SimpleNamespace(config=SimpleNamespace(scaling_factor=1.5305, shift_factor=0.0609))) == \
+        (1.5305, 0.0609)
+
+
+def test_digit_reward_of_a_colour_image_is_that_of_its_itu_601_luma():  # mutant: luma weights
+    from cmgen.data import load_digits
+    from cmgen.rewards import build_reward
+
+    grey = load_digits().x[:16].clone()
+    rgb = torch.cat([grey, grey * 0.5, -grey], 1)                       # three different channels
+    luma = (rgb * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    r = build_reward("digit-class")
+    labels = torch.arange(16) % 10
+    assert torch.allclose(r(rgb, labels), r(luma, labels), atol=1e-6)
+    assert not torch.allclose(r(rgb, labels), r(rgb.mean(1, keepdim=True), labels), atol=1e-3)
+
+
+def test_lct_pseudo_huber_baseline_takes_the_place_of_the_cauchy_term():  # mutant: cauchy either way
+    from test_lct import _loss, _method
+
+    from cmgen.methods.lct import adaptive_c
+    from cmgen.rng import BatchRNG
+
+    m, _, _ = _method(["method.loss=pseudo_huber", "method.diffusion_weight=0"])
+    torch.manual_seed(1)
+    x = torch.randn(16, 4, 4, 4) * 0.5
+    z = torch.randn_like(x)
+    step = 69
+    out, _, _ = _loss(m, x, step, z)
+    n = m.discretisation(step)
+    sigmas, probs = m.grid(n)
+    i = BatchRNG(3, step, 16, 0, 16).multinomial(probs)
+    s_t, s_s = sigmas[i].float(), sigmas[i + 1].float()
+    f = lambda s: (x + s.view(-1, 1, 1, 1) * z) * (0.9 / (1 + s.view(-1, 1, 1, 1)))  # noqa: E731  (test_lct.Linear)
+    c = adaptive_c(n)
+    sq = (f(s_s) - f(s_t)).flatten(1).pow(2).mean(1)
+    assert out["loss"].item() == pytest.approx((1 / (s_s - s_t) * ((sq + c * c).sqrt() - c)).mean().item(), rel=1e-5)
+    assert "pseudo_huber" in out and "cauchy" not in out

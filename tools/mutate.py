@@ -30,6 +30,7 @@ SAMPLING = ["tests/test_sampling.py", "tests/test_edm_flow.py", "tests/test_muta
 # the ImageNet-64 smoke test (two minutes) is left out: it checks that the recipe runs, not a formula
 CTM = ["tests/test_ctm.py", "--deselect=tests/test_ctm.py::test_ctm_gpu_recipes_smoke_on_the_cpu", "tests/test_mutants.py"]
 AWM = ["tests/test_awm.py", "tests/test_awm_lora.py", "tests/test_mutants.py"]
+EVAL = ["tests/test_eval_frechet.py", "tests/test_eval_metrics.py", "tests/test_eval_sanity.py", "tests/test_mutants.py"]
 LCD = ["tests/test_ldm_formulas.py", "tests/test_lcd.py", "tests/test_ldm_rewards.py", "tests/test_lcd_sd.py",
        "tests/test_mutants.py"]
 TESTS = {
@@ -55,6 +56,13 @@ TESTS = {
     "cmgen/vp.py": LCD,
     "cmgen/methods/lcd.py": LCD,
     "cmgen/rewards/lrm.py": LCD,
+    "cmgen/models/ldm_unet.py": LCD,
+    "sampling/lcm.py": LCD,
+    "eval/frechet.py": EVAL,
+    "eval/metrics.py": EVAL,
+    "sampling/flow.py": SAMPLING + ["tests/test_awm.py"],
+    "cmgen/latents.py": ["tests/test_latents.py", "tests/test_lct.py", "tests/test_mutants.py"],
+    "cmgen/rewards/digits.py": ["tests/test_rewards.py", "tests/test_eval_rewards.py", "tests/test_mutants.py"],
 }
 
 
@@ -205,6 +213,54 @@ MUTANTS = [
     M("rg-lcd: reward added, not subtracted", "cmgen/methods/lcd.py", "                loss = loss - cfg.reward_scale * r.mean()\n            elif", "                loss = loss + cfg.reward_scale * r.mean()\n            elif"),
     M("lrm kl: direction swapped", "cmgen/rewards/lrm.py", "kls.append((p_log.exp() * (p_log - q_log)).sum(1))", "kls.append((q_log.exp() * (q_log - p_log)).sum(1))"),
     M("lrm ce: the generated latent wins", "cmgen/rewards/lrm.py", "losses = [-torch.log_softmax(lrm[:, [a, 2]].float(), 1)[:, 1] for a in (0, 1)]", "losses = [-torch.log_softmax(lrm[:, [a, 2]].float(), 1)[:, 0] for a in (0, 1)]"),
+    # evaluation: Frechet distance, streamed moments, precision/recall, KID, SWD, MMD
+    M("fd: trace term not doubled", "eval/frechet.py", "np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2)", "np.trace(sigma2) - trace_sqrt_product(sigma1, sigma2)"),
+    M("fd: mean term not squared", "eval/frechet.py", "value = diff @ diff + np.trace(sigma1)", "value = np.abs(diff).sum() + np.trace(sigma1)"),
+    M("fd: sqrt of S2 S1^1/2, not of the middle", "eval/frechet.py", "middle = _symmetric(root1 @ np.asarray(sigma2, np.float64) @ root1)", "middle = _symmetric(np.asarray(sigma2, np.float64) @ root1)"),
+    M("feature stats: merge term dropped", "eval/frechet.py", "self._m2 = self._m2 + m2_b + np.outer(delta, delta) * (self.n * b / total)", "self._m2 = self._m2 + m2_b"),
+    M("feature stats: mean not weighted", "eval/frechet.py", "self._mean = self._mean + delta * (b / total)", "self._mean = self._mean + delta * 0.5"),
+    M("feature stats: biased covariance", "eval/frechet.py", "return self._m2 / (self.n - 1)", "return self._m2 / self.n"),
+    M("reservoir: slot from U{0..keep}", "eval/frechet.py", "slots = self._rng.integers(0, idx + 1)", "slots = self._rng.integers(0, self.keep, size=len(idx))"),
+    M("precision/recall: k-th neighbour is the point itself", "eval/metrics.py", "out.append(d.kthvalue(k + 1, dim=1).values)", "out.append(d.kthvalue(k, dim=1).values)"),
+    M("precision/recall: swapped", "eval/metrics.py", "    return precision, recall\n", "    return recall, precision\n"),
+    M("kid: kernel cubic -> square", "eval/metrics.py", "return (x @ y.T / x.shape[1] + 1.0) ** 3", "return (x @ y.T / x.shape[1] + 1.0) ** 2"),
+    M("kid: diagonal kept (biased)", "eval/metrics.py", "off = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))", "off = (kxx.sum() + kyy.sum()) / (m * m)"),
+    M("swd: no sqrt", "eval/metrics.py", "return float(np.sqrt((diff ** 2).mean()))", "return float((diff ** 2).mean())"),
+    M("swd: directions not unit", "eval/metrics.py", "return v / np.linalg.norm(v, axis=1, keepdims=True)", "return v"),
+    M("mmd rbf: bandwidth not squared", "eval/metrics.py", "torch.exp(-d / (2 * h * h))", "torch.exp(-d / (2 * h))"),
+    M("confidence interval: normal quantile", "eval/metrics.py", "half = float(stats.t.ppf(0.5 + level / 2, len(v) - 1)", "half = float(stats.norm.ppf(0.5 + level / 2)"),
+    # flow matching samplers and the Flow-GRPO SDE (AWM's rollouts)
+    M("sd3 shift: inverted", "sampling/flow.py", "return shift * t / (1 + (shift - 1) * t)", "return t / (shift - (shift - 1) * t)"),
+    M("sde: sigma without sqrt", "sampling/flow.py", "return a * math.sqrt(t / (1.0 - (t_cap if t >= 1.0 else t)))", "return a * t / (1.0 - (t_cap if t >= 1.0 else t))"),
+    M("sde: drift's x term sign", "sampling/flow.py", "mean = x * (1 + sig**2 / (2 * t) * dt)", "mean = x * (1 - sig**2 / (2 * t) * dt)"),
+    M("sde: drift's v term without (1 - t)", "sampling/flow.py", "v * (1 + sig**2 * (1 - t) / (2 * t)) * dt", "v * (1 + sig**2 / (2 * t)) * dt"),
+    M("log prob: log std dropped", "sampling/flow.py", "per = -0.5 * z * z - torch.log(std) - 0.5 * math.log(2 * math.pi)", "per = -0.5 * z * z - 0.5 * math.log(2 * math.pi)"),
+    # latent codec, rewards, LCM sampling
+    M("latent codec: std and sigma_data swapped", "cmgen/latents.py", "return self.sigma_data * (z.float() - self.mean) / self.std", "return self.std * (z.float() - self.mean) / self.sigma_data"),
+    M("latent codec: denormalise without the mean", "cmgen/latents.py", "return x.float() * self.std / self.sigma_data + self.mean", "return x.float() * self.std / self.sigma_data"),
+    M("latent codec: sd shift sign", "cmgen/latents.py", "return (z.float() - self.shift_factor) * self.scaling_factor", "return (z.float() + self.shift_factor) * self.scaling_factor"),
+    M("latent codec: sd scale default", "cmgen/latents.py", "return float(0.18215 if scale is None else scale), float(shift or 0.0)", "return float(1.0 if scale is None else scale), float(shift or 0.0)"),
+    M("digit reward: luma weights", "cmgen/rewards/digits.py", "torch.tensor([0.299, 0.587, 0.114]", "torch.tensor([0.333, 0.333, 0.334]"),
+    M("digit reward: top class, not the condition", "cmgen/rewards/digits.py", "        if cond is None:\n            return probs.max(1).values\n", "        if True:\n            return probs.max(1).values\n"),
+    M("lcm sampling: renoise without sqrt", "sampling/lcm.py", "z = ab.sqrt() * denoised + (1 - ab).sqrt() * z", "z = ab * denoised + (1 - ab) * z"),
+    M("lcm sampling: same noise every step", "sampling/lcm.py", "        z = noise(k).float()\n", "        z = noise(0).float()\n"),
+    M("lcm timesteps: strided rule", "cmgen/vp.py", "idx = np.floor(np.linspace(0, len(grid), num=steps, endpoint=False)).astype(np.int64)", "idx = (np.arange(steps) * (len(grid) // steps)).astype(np.int64)"),
+    M("lcm consistency fn: c_skip on x0, c_out on z", "cmgen/models/ldm_unet.py", "return c_skip.view(view) * z.float() + c_out.view(view) * x0", "return c_out.view(view) * z.float() + c_skip.view(view) * x0"),
+    M("ddim inference timesteps: offset dropped", "cmgen/vp.py", "return [ratio * i + steps_offset for i in reversed(range(steps))]", "return [ratio * i for i in reversed(range(steps))]"),
+    # more of the four methods
+    M("ctm: teacher's Heun from the student's x_t noise", "cmgen/methods/ctm.py", "x_u = self.teacher_heun(nets.teacher, x_t, i_t, k, labels)", "x_u = self.teacher_heun(nets.teacher, x + self.times[i_t].to(dev, torch.float32).view((-1,) + (1,) * (x.ndim - 1)) * torch.randn_like(z), i_t, k, labels)"),
+    M("ctm: the GAN sees the inner jump, not the estimate", "cmgen/methods/ctm.py", "l_g = generator_loss(nets.disc, est, batch.rng, c.diffaug)", "l_g = generator_loss(nets.disc, leaf, batch.rng, c.diffaug)"),
+    M("ctm: GAN phase on even steps", "cmgen/methods/ctm.py", "if gate(step, c.gan_start) and (step - c.gan_start) % c.gan_period != 0:", "if gate(step, c.gan_start) and (step - c.gan_start) % c.gan_period == 0:"),
+    M("lct: OT noise slice ignores the micro-batch offset", "cmgen/methods/lct.py", "b.extra[\"z\"] = z_all[o:o + len(b.x)].to(b.x.device, b.x.dtype)", "b.extra[\"z\"] = z_all[:len(b.x)].to(b.x.device, b.x.dtype)"),
+    M("lct: pseudo-huber baseline uses the cauchy", "cmgen/methods/lct.py", "dist = (cauchy if self.cfg.loss == \"cauchy\" else pseudo_huber_mean)(pred, p.target, c)", "dist = cauchy(pred, p.target, c)"),
+    M("lct: diffusion loss on the target", "cmgen/methods/lct.py", "mse = (pred.float() - x.float()).flatten(1).pow(2).mean(1)", "mse = (p.target.float() - x.float()).flatten(1).pow(2).mean(1)"),
+    M("rollout noise: slice ignores the offset", "cmgen/methods/rollout.py", "        return full[offset:].to(device)", "        return full[:count].to(device)"),
+    M("advantages: zero-std groups kept", "cmgen/methods/rollout.py", "if rg.numel() < 2 or bool((rg == rg[0]).all()):", "if rg.numel() < 2:"),
+    M("awm: kl_ref with the reference's gradient direction", "cmgen/methods/awm.py", "kl = (v - v_ref).pow(2).flatten(1).mean(1).mean()", "kl = (v - v_ref).abs().flatten(1).mean(1).mean()"),
+    M("rg-lcd lrm: triplet without the real latent", "cmgen/methods/lcd.py", "latents = [*batch.extra[\"triplet\"], real]", "latents = [*batch.extra[\"triplet\"], batch.extra[\"triplet\"][1]]"),
+    M("rg-lcd lrm: expert scale ignored", "cmgen/methods/lcd.py", "            expert = expert * self.cfg.expert_scale\n", ""),
+    M("lrm pretrain: same-class partner ignores the class", "cmgen/methods/lcd.py", "k = (u * same.sum(1)).long()", "k = (u * n).long().clamp(max=n - 1)"),
+    M("lcd: student and target at the same z", "cmgen/methods/lcd.py", "target = nets.target(z_prev, t_e, cond, w).float()", "target = nets.target(z, t_e, cond, w).float()"),
 ]
 
 # mutants that change no observable behaviour, with the reason (checked by hand)
@@ -212,6 +268,8 @@ EQUIVALENT: dict[str, str] = {
     "gamma: last jump to s, not sigma_min": "gamma_target(sigma_min, gamma, sigma_min) is sigma_min for every gamma",
     "awm: previous-policy copy with gradient": "the copy's weights never take a gradient (TargetNetwork is "
                                                "requires_grad False), so v_prev carries none either way",
+    "advantages: zero-std groups kept": "equal rewards have r - mean = 0 (to rounding), so A is 0 either way; "
+                                        "the early exit only saves the arithmetic",
 }
 
 
