@@ -43,7 +43,6 @@ TESTS = {
                             "tests/test_scale.py::test_cpu_draws_are_those_of_a_cpu_generator_keyed_by_seed_step_and_draw"],
     "sampling/multistep.py": SAMPLING,
     "sampling/edm.py": SAMPLING,
-    "sampling/flow.py": SAMPLING,
     "sampling/generate.py": SAMPLING,
     "cmgen/models/two_time.py": CTM,
     "cmgen/methods/ctm.py": CTM,
