@@ -62,6 +62,11 @@ TESTS = {
     "sampling/flow.py": SAMPLING + ["tests/test_awm.py"],
     "cmgen/latents.py": ["tests/test_latents.py", "tests/test_lct.py", "tests/test_mutants.py"],
     "cmgen/rewards/digits.py": ["tests/test_rewards.py", "tests/test_eval_rewards.py", "tests/test_mutants.py"],
+    "cmgen/rewards/image.py": ["tests/test_rewards.py", "tests/test_eval_rewards.py", "tests/test_ldm_rewards.py",
+                               "tests/test_mutants.py"],
+    "cmgen/train.py": ["tests/test_train.py", "tests/test_protocol.py", "tests/test_data.py", "tests/test_ict_pinned.py",
+                       "tests/test_mutants.py"],
+    "sampling/ddim.py": LCD,
 }
 
 
@@ -260,6 +265,20 @@ MUTANTS = [
     M("rg-lcd lrm: expert scale ignored", "cmgen/methods/lcd.py", "            expert = expert * self.cfg.expert_scale\n", ""),
     M("lrm pretrain: same-class partner ignores the class", "cmgen/methods/lcd.py", "k = (u * same.sum(1)).long()", "k = (u * n).long().clamp(max=n - 1)"),
     M("lcd: student and target at the same z", "cmgen/methods/lcd.py", "target = nets.target(z_prev, t_e, cond, w).float()", "target = nets.target(z, t_e, cond, w).float()"),
+    # the training loop, data order, DDIM, image rewards
+    M("lr: warmup starts at 0", "cmgen/train.py", "return cfg.lr * (step + 1) / w", "return cfg.lr * step / w"),
+    M("lr: cosine without the 1/2", "cmgen/train.py", "return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))", "return cfg.lr * (1.0 + math.cos(math.pi * frac)) / 1.5"),
+    M("loop: micro-batch losses summed, not averaged", "cmgen/train.py", "acc.backward(terms[\"loss\"] / t.grad_accum)", "acc.backward(terms[\"loss\"])"),
+    M("loop: logged terms summed over micro-batches", "cmgen/train.py", "sums[k] = sums.get(k, 0.0) + v.detach().float() / t.grad_accum", "sums[k] = sums.get(k, 0.0) + v.detach().float()"),
+    M("loop: gradient clipping skipped", "cmgen/train.py", "            acc.clip_grad_norm_(part.module.parameters(), part.optim.grad_clip)\n", "            pass\n"),
+    M("loop: target network not updated", "cmgen/train.py", "                    target.update(module, self.step)\n", "                    pass\n"),
+    M("loop: micro-batch offset ignores the rank", "cmgen/train.py", "        offset = (micro_idx * self.world + self.rank) * self.micro\n        stream", "        offset = micro_idx * self.micro\n        stream"),
+    M("loop: hflip on every image", "cmgen/train.py", "flip = rng.rand() < 0.5", "flip = rng.rand() < 1.0"),
+    M("loop: non-finite steps kept", "cmgen/train.py", "        if vec[-1].item() > 0:\n", "        if False:\n"),
+    M("ddim: last step to alpha_bar_T, not alpha_bar_0", "sampling/ddim.py", "z = ddim_step(x0, eps, ac[prev] if prev >= 0 else ac[0])", "z = ddim_step(x0, eps, ac[prev] if prev >= 0 else ac[int(t)])"),
+    M("ddim: eps and x0 swapped", "sampling/ddim.py", "x0, eps = to_x0_eps(net(z, t_vec, class_labels), z, ac, t_vec, prediction_type)", "eps, x0 = to_x0_eps(net(z, t_vec, class_labels), z, ac, t_vec, prediction_type)"),
+    M("brightness: not mapped to [0, 1]", "cmgen/rewards/image.py", "return ((x.float().clamp(-1, 1) + 1) / 2).flatten(1).mean(1)", "return x.float().clamp(-1, 1).flatten(1).mean(1)"),
+    M("jpeg incompressibility: sign", "cmgen/rewards/image.py", "lambda x, cond=None: jpeg_size(x),", "lambda x, cond=None: -jpeg_size(x),"),
 ]
 
 # mutants that change no observable behaviour, with the reason (checked by hand)
