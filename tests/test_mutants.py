@@ -253,3 +253,44 @@ def test_lct_pseudo_huber_baseline_takes_the_place_of_the_cauchy_term():  # muta
     sq = (f(s_s) - f(s_t)).flatten(1).pow(2).mean(1)
     assert out["loss"].item() == pytest.approx((1 / (s_s - s_t) * ((sq + c * c).sqrt() - c)).mean().item(), rel=1e-5)
     assert "pseudo_huber" in out and "cauchy" not in out
+
+
+# ----------------------------------------------------------------------------- the training loop
+
+def _edm_trainer(tmp_path, name, *extra):
+    from cmgen.recipe import load_recipe
+    from cmgen.train import Trainer
+
+    over = ["model.block_out_channels=[16,32]", "model.norm_num_groups=8", "model.attention_head_dim=8",
+            "train.batch_size=8", "train.sample_every=0", "train.checkpoint_every=100", "optim.warmup_steps=0"]
+    return Trainer(load_recipe("edm_digits", over + list(extra)), tmp_path / name, progress=False)
+
+
+def _grads_at_each_step(tr, steps: int):
+    """The gradients the model's optimizer steps with, for each of `steps` loop steps."""
+    seen, opt = [], tr.parts["model"].optimizer
+    step = opt.step
+
+    def watched(*args, **kwargs):
+        seen.append([p.grad.clone() for g in opt.param_groups for p in g["params"] if p.grad is not None])
+        return step(*args, **kwargs)
+
+    opt.step = watched
+    terms = [tr.train_step() for _ in range(steps)]
+    return seen, terms
+
+
+def test_two_accumulated_micro_batches_log_and_step_as_their_global_batch(tmp_path):  # mutant: terms summed
+    (ga,), (a,) = _grads_at_each_step(_edm_trainer(tmp_path, "one"), 1)
+    (gb,), (b,) = _grads_at_each_step(_edm_trainer(tmp_path, "two", "train.grad_accum=2"), 1)
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["mse"] == pytest.approx(a["mse"], rel=1e-5)
+    assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-7) for x, y in zip(ga, gb))
+
+
+def test_gradient_clipping_bounds_the_norm_the_optimizer_sees(tmp_path):  # mutant: clipping skipped
+    def norms(tr):
+        grads, _ = _grads_at_each_step(tr, 2)
+        return [float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gs]))) for gs in grads]
+
+    assert min(norms(_edm_trainer(tmp_path, "free"))) > 0.01             # the bound below bites
+    assert max(norms(_edm_trainer(tmp_path, "clipped", "optim.grad_clip=0.01"))) <= 0.01 * (1 + 1e-5)
