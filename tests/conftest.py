@@ -51,8 +51,17 @@ def launch_two_processes(cmgen_args, env=None):
 
 
 @pytest.fixture(autouse=True)
-def _fixed_threads():
-    """In-process CLI calls set torch's thread count; put it back after every test."""
+def _fixed_threads_and_seeds():
+    """Every test starts from the same global RNG state, whatever ran before it (tests that draw with
+    torch.randn and no generator would otherwise depend on the order they run in). In-process CLI calls
+    set torch's thread count; put it back after every test."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
     yield
     if torch.get_num_threads() != THREADS:
         torch.set_num_threads(THREADS)

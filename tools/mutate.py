@@ -70,6 +70,9 @@ TESTS = {
                        "tests/test_reliability.py::test_repeated_nan_stops_the_run_with_the_last_good_checkpoint_intact",
                        "tests/test_mutants.py"],
     "sampling/ddim.py": LCD,
+    "cmgen/methods/edm.py": ["tests/test_edm_flow.py", "tests/test_mutants.py"],
+    "cmgen/methods/flow.py": ["tests/test_edm_flow.py", "tests/test_mutants.py"],
+    "cmgen/methods/flowgrpo.py": AWM,
 }
 
 
@@ -282,6 +285,17 @@ MUTANTS = [
     M("ddim: eps and x0 swapped", "sampling/ddim.py", "x0, eps = to_x0_eps(net(z, t_vec, class_labels), z, ac, t_vec, prediction_type)", "eps, x0 = to_x0_eps(net(z, t_vec, class_labels), z, ac, t_vec, prediction_type)"),
     M("brightness: not mapped to [0, 1]", "cmgen/rewards/image.py", "return ((x.float().clamp(-1, 1) + 1) / 2).flatten(1).mean(1)", "return x.float().clamp(-1, 1).flatten(1).mean(1)"),
     M("jpeg incompressibility: sign", "cmgen/rewards/image.py", "lambda x, cond=None: jpeg_size(x),", "lambda x, cond=None: -jpeg_size(x),"),
+    # the EDM and flow-matching teachers, and the Flow-GRPO baseline AWM is compared with
+    M("edm: sigma not lognormal", "cmgen/methods/edm.py", "sigma = torch.exp(self.cfg.p_mean + self.cfg.p_std * rng.randn())", "sigma = torch.exp(self.cfg.p_mean + self.cfg.p_std * rng.rand())"),
+    M("edm: loss unweighted", "cmgen/methods/edm.py", "weighted = edm_loss_weight(sigma, sd) * err", "weighted = err"),
+    M("label dropout: keeps the label with probability p", "cmgen/methods/edm.py", "return torch.where(rng.rand() < p, torch.full_like(labels, null), labels)", "return torch.where(rng.rand() < 1 - p, torch.full_like(labels, null), labels)"),
+    M("flow: velocity target sign", "cmgen/methods/flow.py", "err = (v.float() - (eps - x0).float()).pow(2)", "err = (v.float() - (x0 - eps).float()).pow(2)"),
+    M("flow: logit-normal time without the sigmoid", "cmgen/methods/flow.py", "t = torch.sigmoid(cfg.logit_mean + cfg.logit_std * rng.randn())", "t = (cfg.logit_mean + cfg.logit_std * rng.randn()).clamp(0, 1)"),
+    M("flow: training times not shifted", "cmgen/methods/flow.py", "    return shift_time(t, cfg.shift)", "    return t"),
+    M("flow-grpo: clipped objective min, not max", "cmgen/methods/flowgrpo.py", "return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - eps, 1 + eps))", "return torch.minimum(-adv * ratio, -adv * ratio.clamp(1 - eps, 1 + eps))"),
+    M("flow-grpo: ratio inverted", "cmgen/methods/flowgrpo.py", "ratio = torch.exp(step_log_prob(xs[:, j + 1], mean, std) - old[:, j])", "ratio = torch.exp(old[:, j] - step_log_prob(xs[:, j + 1], mean, std))"),
+    M("flow-grpo: kl without 1/(2 std^2)", "cmgen/methods/flowgrpo.py", "kl = ((mean - mean_ref).pow(2).flatten(1).mean(1) / (2 * std**2)).mean()", "kl = (mean - mean_ref).pow(2).flatten(1).mean(1).mean()"),
+    M("flow-grpo: rollout step from the mean, no noise", "cmgen/methods/flowgrpo.py", "            x = mean + std * noise(j + 1).float()\n", "            x = mean + std * noise(1).float()\n"),
 ]
 
 # mutants that change no observable behaviour, with the reason (checked by hand)
