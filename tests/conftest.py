@@ -86,3 +86,16 @@ def tiny_run(tmp_path_factory):
     recipe = load_recipe("ict_digits", TINY_UNET + ["train.steps=4", "train.batch_size=8", "train.sample_n=4",
                                                     "train.checkpoint_every=4"])
     return train(recipe, out, progress=False)
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A 2-step class-conditional flow digits model with a null label, like fm_digits but tiny (the base of the
+    AWM and Flow-GRPO tests)."""
+    from cmgen.recipe import load_recipe
+    from cmgen.train import train
+
+    out = tmp_path_factory.mktemp("fm_base") / "run"
+    r = load_recipe("fm_digits", TINY_UNET + ["train.steps=2", "train.batch_size=8", "train.sample_n=4",
+                                              "train.checkpoint_every=2", "train.sample_every=0", "eval.steps=[2]"])
+    return train(r, out, progress=False)

@@ -19,18 +19,6 @@ SMALL = ["train.batch_size=8", "method.group_size=4", "method.rollout_steps=6", 
          "train.sample_every=0", "train.checkpoint_every=100", "train.log_every=1"]
 
 
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-    """A 2-step class-conditional flow digits model with a null label, like fm_digits but tiny."""
-    from cmgen.recipe import load_recipe
-    from cmgen.train import train
-
-    out = tmp_path_factory.mktemp("fm_base") / "run"
-    r = load_recipe("fm_digits", TINY + ["train.steps=2", "train.batch_size=8", "train.sample_n=4",
-                                         "train.checkpoint_every=2", "train.sample_every=0", "eval.steps=[2]"])
-    return train(r, out, progress=False)
-
-
 def trainer_for(name, base, tmp_path, *over):
     from cmgen.recipe import load_recipe
     from cmgen.train import Trainer

@@ -294,3 +294,64 @@ def test_gradient_clipping_bounds_the_norm_the_optimizer_sees(tmp_path):  # muta
 
     assert min(norms(_edm_trainer(tmp_path, "free"))) > 0.01             # the bound below bites
     assert max(norms(_edm_trainer(tmp_path, "clipped", "optim.grad_clip=0.01"))) <= 0.01 * (1 + 1e-5)
+
+
+# ----------------------------------------------------------------------------- flow matching, Flow-GRPO
+
+def test_flow_matching_regresses_the_velocity_eps_minus_x0_at_the_interpolant():  # mutant: target sign
+    from test_edm_flow import _batch, _method, _Nets
+
+    method, _ = _method("fm_digits", ["data.name=toy2d", "model.arch=mlp", "model.class_conditional=false"])
+    seen = {}
+
+    def model(xt, t, labels):
+        seen["xt"], seen["t"] = xt, t
+        return 0.5 * xt
+
+    x0 = torch.randn(512, 2)
+    loss = method.loss(_Nets(model), _batch(x0), 0)["loss"]
+    t = seen["t"].view(-1, 1)
+    eps = (seen["xt"] - (1 - t) * x0) / t                             # x_t = (1 - t) x0 + t eps
+    assert abs(eps.std() - 1) < 0.1
+    assert torch.allclose(loss, (0.5 * seen["xt"] - (eps - x0)).pow(2).mean(), rtol=1e-4)
+
+
+def test_a_flow_grpo_step_with_positive_advantages_raises_the_rollouts_log_probability(base_run, tmp_path):
+    # mutant: the importance ratio inverted (its value is 1 on-policy either way; its gradient flips)
+    from test_awm import round_of, trainer_for
+
+    from cmgen.methods.flowgrpo import step_log_prob
+
+    tr = trainer_for("flowgrpo_digits_class", base_run, tmp_path, "method.beta=0")
+    b = round_of(tr, adv=1.0)
+    xs, m = b.extra["trajectory"], tr.method
+
+    def log_prob():
+        with torch.no_grad():
+            return sum(step_log_prob(xs[:, j + 1], *m._step(tr.nets.model, xs[:, j], j, b.labels)).mean()
+                       for j in range(xs.shape[1] - 1))
+
+    before = log_prob()
+    tr.nets.model.zero_grad()
+    m.loss(tr.nets, b, tr.step)["loss"].backward()
+    with torch.no_grad():
+        for q in tr.nets.model.parameters():
+            if q.grad is not None:
+                q.sub_(1e-3 * q.grad)
+    assert log_prob() > before
+
+
+def test_each_flow_grpo_rollout_step_adds_its_own_keyed_noise(base_run, tmp_path):  # mutant: one noise for all
+    from test_awm import round_of, trainer_for
+
+    from cmgen.methods.rollout import keyed_noise
+
+    tr = trainer_for("flowgrpo_digits_class", base_run, tmp_path)
+    b = round_of(tr)
+    xs, m, n = b.extra["trajectory"], tr.method, len(b.x)
+    noise = keyed_noise(b.rng.seed, tr.step, tuple(b.x.shape[1:]), 0, n, "cpu")
+    assert torch.allclose(xs[:, 0], noise(0))
+    for j in range(xs.shape[1] - 1):
+        with torch.no_grad():
+            mean, std = m._step(tr.nets.model, xs[:, j], j, b.labels)
+        assert torch.allclose((xs[:, j + 1] - mean) / std, noise(j + 1), atol=1e-4)
