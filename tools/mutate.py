@@ -73,6 +73,8 @@ TESTS = {
     "cmgen/methods/edm.py": ["tests/test_edm_flow.py", "tests/test_mutants.py"],
     "cmgen/methods/flow.py": ["tests/test_edm_flow.py", "tests/test_mutants.py"],
     "cmgen/methods/flowgrpo.py": AWM,
+    "sampling/registry.py": SAMPLING,
+    "cmgen/pipelines.py": ["tests/test_export.py", "tests/test_export_diffusion.py", "tests/test_mutants.py"],
 }
 
 
@@ -296,6 +298,10 @@ MUTANTS = [
     M("flow-grpo: ratio inverted", "cmgen/methods/flowgrpo.py", "ratio = torch.exp(step_log_prob(xs[:, j + 1], mean, std) - old[:, j])", "ratio = torch.exp(old[:, j] - step_log_prob(xs[:, j + 1], mean, std))"),
     M("flow-grpo: kl without 1/(2 std^2)", "cmgen/methods/flowgrpo.py", "kl = ((mean - mean_ref).pow(2).flatten(1).mean(1) / (2 * std**2)).mean()", "kl = (mean - mean_ref).pow(2).flatten(1).mean(1).mean()"),
     M("flow-grpo: rollout step from the mean, no noise", "cmgen/methods/flowgrpo.py", "            x = mean + std * noise(j + 1).float()\n", "            x = mean + std * noise(1).float()\n"),
+    # guidance and the diffusers pipelines
+    M("cfg: guided around the conditional output", "sampling/registry.py", "return uncond + scale * (cond - uncond)", "return cond + scale * (cond - uncond)"),
+    M("pipeline cfg: guided around the conditional output", "cmgen/pipelines.py", "return uncond + guidance_scale * (cond - uncond)", "return cond + guidance_scale * (cond - uncond)"),
+    M("pipeline images: [-1, 1] not mapped to [0, 1]", "cmgen/pipelines.py", "image = (x / 2 + 0.5).clamp(0, 1)", "image = x.clamp(0, 1)"),
 ]
 
 # mutants that change no observable behaviour, with the reason (checked by hand)
