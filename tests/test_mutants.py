@@ -355,3 +355,24 @@ def test_each_flow_grpo_rollout_step_adds_its_own_keyed_noise(base_run, tmp_path
         with torch.no_grad():
             mean, std = m._step(tr.nets.model, xs[:, j], j, b.labels)
         assert torch.allclose((xs[:, j + 1] - mean) / std, noise(j + 1), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_uint8_images_map_0_and_255_to_minus_one_and_one():  # mutant: / 255
+    from cmgen.data import to_float
+
+    got = to_float(torch.tensor([0, 51, 255], dtype=torch.uint8))
+    assert torch.allclose(got, torch.tensor([-1.0, 51 / 127.5 - 1.0, 1.0]))
+
+
+def test_the_ring_has_eight_modes_at_multiples_of_a_quarter_pi_on_radius_0_7():  # mutant: spacing
+    import math
+
+    from cmgen.data import toy2d
+
+    ds = toy2d("ring", 8000, seed=0)
+    for k in range(8):
+        centre = ds.x[ds.labels == k].mean(0)
+        want = 0.7 * torch.tensor([math.cos(k * math.pi / 4), math.sin(k * math.pi / 4)])
+        assert torch.allclose(centre, want, atol=0.01), (k, centre)

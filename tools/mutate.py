@@ -75,6 +75,8 @@ TESTS = {
     "cmgen/methods/flowgrpo.py": AWM,
     "sampling/registry.py": SAMPLING,
     "cmgen/pipelines.py": ["tests/test_export.py", "tests/test_export_diffusion.py", "tests/test_mutants.py"],
+    "cmgen/data/__init__.py": ["tests/test_data.py", "tests/test_ctm.py::test_ctm_checks_count_samples_near_modes_and_each_modes_mass",
+                               "tests/test_mutants.py"],
 }
 
 
@@ -302,6 +304,11 @@ MUTANTS = [
     M("cfg: guided around the conditional output", "sampling/registry.py", "return uncond + scale * (cond - uncond)", "return cond + scale * (cond - uncond)"),
     M("pipeline cfg: guided around the conditional output", "cmgen/pipelines.py", "return uncond + guidance_scale * (cond - uncond)", "return cond + guidance_scale * (cond - uncond)"),
     M("pipeline images: [-1, 1] not mapped to [0, 1]", "cmgen/pipelines.py", "image = (x / 2 + 0.5).clamp(0, 1)", "image = x.clamp(0, 1)"),
+    # data
+    M("digits: 0..16 mapped to [-1, 1] with 16, not 8", "cmgen/data/__init__.py", "x = torch.from_numpy(d.images.astype(np.float32) / 8.0 - 1.0)[:, None]", "x = torch.from_numpy(d.images.astype(np.float32) / 16.0 - 1.0)[:, None]"),
+    M("uint8 images: 255 not halved", "cmgen/data/__init__.py", "return u8.float() / 127.5 - 1.0", "return u8.float() / 255.0 - 1.0"),
+    M("holdout: overlaps the training set", "cmgen/data/__init__.py", "held, kept = perm[:holdout].sort().values, perm[holdout:].sort().values", "held, kept = perm[:holdout].sort().values, perm.sort().values"),
+    M("ring: 8 modes spaced by 2 pi / 4", "cmgen/data/__init__.py", "ang = k.float() * (2 * np.pi / 8)", "ang = k.float() * (2 * np.pi / 4)"),
 ]
 
 # mutants that change no observable behaviour, with the reason (checked by hand)
