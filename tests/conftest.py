@@ -69,6 +69,17 @@ def _fixed_threads_and_seeds():
 TINY_UNET = ["model.block_out_channels=[16,32]", "model.norm_num_groups=8", "model.attention_head_dim=8"]
 
 
+def tiny_vae(seed=0, **config):
+    """A seeded 1-channel AutoencoderKL (8x8 images to 4x2x2 latents); `config` overrides, e.g. scaling_factor."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**{"in_channels": 1, "out_channels": 1, "down_block_types": ("DownEncoderBlock2D",) * 2,
+                            "up_block_types": ("UpDecoderBlock2D",) * 2, "block_out_channels": (8, 16),
+                            "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8, "sample_size": 8,
+                            **config}).eval()
+
+
 @pytest.fixture
 def tiny_digits_overrides():
     """ict_digits shrunk to seconds: a 16/32-channel UNet, small batches, frequent checkpoints."""

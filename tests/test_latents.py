@@ -5,20 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_vae
 
 from cmgen.cli import main as cli
 from cmgen.errors import UserError
 
 FAST = ["--threads", "1", "--no-progress", "--device", "cpu"]
-
-
-def tiny_vae(seed=0):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                         latent_channels=4, norm_num_groups=8, sample_size=8).eval()
 
 
 @pytest.fixture(scope="module")
@@ -266,15 +258,10 @@ def test_captioned_folder_reads_metadata_jsonl_then_txt_and_refuses_gaps_in_one_
 
 
 def test_sd_scaling_subtracts_the_shift_factor_and_the_codec_inverts_it(tmp_path):
-    from diffusers import AutoencoderKL
-
     from cmgen.latents import CacheSpec, LatentCodec, encode_dataset, posterior_sample, read_cache
     from cmgen.pipelines import LatentStatistics
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=8, scaling_factor=0.5, shift_factor=0.25).eval()
+    vae = tiny_vae(scaling_factor=0.5, shift_factor=0.25)
     x = torch.rand(5, 1, 8, 8) * 2 - 1
     spec = CacheSpec("v", "h", "d", "dh", 8, False, 2, scaling="sd")
     c = read_cache(encode_dataset(x, None, vae, tmp_path / "sd", spec=spec, progress=False))

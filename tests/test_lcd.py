@@ -4,6 +4,7 @@ equal to plain LCD bit for bit, the reward term's sign and carrier, and the LRM'
 
 import pytest
 import torch
+from conftest import tiny_vae
 from diffusers import DDIMScheduler
 
 from cmgen.cli import main as cli
@@ -16,12 +17,7 @@ MODEL = {"arch": "unet", "block_out_channels": [16, 32], "layers_per_block": 1, 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=8, sample_size=8).eval()
+    vae = tiny_vae()
     folder = tmp_path_factory.mktemp("vae") / "vae"
     vae.save_pretrained(folder, safe_serialization=True)
     out = tmp_path_factory.mktemp("cache") / "digits"

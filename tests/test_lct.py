@@ -107,6 +107,20 @@ def _loss(m, x, step, z=None):
     return out, net.a.grad.clone(), batch
 
 
+def hand_pair(m, x, z, step):
+    """The loss's pair for `Linear` computed by hand: (N, index i, sigma_i, sigma_{i+1}, student output at
+    sigma_{i+1}, teacher output at sigma_i under stop-gradient, the scalar parameter a they share)."""
+    n = m.discretisation(step)
+    sigmas, probs = m.grid(n)
+    i = BatchRNG(3, step, len(x), 0, len(x)).multinomial(probs)  # the loss's first draw
+    a = torch.tensor(0.9, requires_grad=True)
+    s_t, s_s = sigmas[i].float(), sigmas[i + 1].float()
+    v = lambda s: s.view(-1, 1, 1, 1)  # noqa: E731
+    pred = (x + v(s_s) * z) * (a / (1 + v(s_s)))
+    target = ((x + v(s_t) * z) * (a / (1 + v(s_t)))).detach()  # stop-gradient teacher
+    return n, i, s_t, s_s, pred, target, a
+
+
 def test_loss_is_lambda_cauchy_plus_five_times_the_masked_diffusion_term_with_grad_through_the_student():
     m, recipe, _ = _method()
     torch.manual_seed(1)
@@ -114,14 +128,7 @@ def test_loss_is_lambda_cauchy_plus_five_times_the_masked_diffusion_term_with_gr
     z = torch.randn_like(x)
     step = 69  # last stage: N = 641
     out, grad, _ = _loss(m, x, step, z)
-    n = m.discretisation(step)
-    sigmas, probs = m.grid(n)
-    i = BatchRNG(3, step, 16, 0, 16).multinomial(probs)  # the loss's first draw
-    a = torch.tensor(0.9, requires_grad=True)
-    s_t, s_s = sigmas[i].float(), sigmas[i + 1].float()
-    v = lambda s: s.view(-1, 1, 1, 1)
-    pred = (x + v(s_s) * z) * (a / (1 + v(s_s)))
-    target = ((x + v(s_t) * z) * (a / (1 + v(s_t)))).detach()  # stop-gradient teacher
+    n, i, s_t, s_s, pred, target, a = hand_pair(m, x, z, step)
     c = adaptive_c(n)
     cm = (1 / (s_s - s_t) * torch.log1p((pred - target).flatten(1).pow(2).mean(1) / (2 * c * c))).mean()
     mask = (n - 2 - i) >= math.floor(0.75 * n)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import TINY_UNET, tiny_vae
 from torch import nn
 
 from cmgen.ema import EMA, TargetNetwork
@@ -128,7 +129,6 @@ def test_the_discriminator_step_gives_no_gradient_to_the_fakes():  # mutant: fak
     from cmgen.methods.ctm_gan import discriminator_loss
     from cmgen.rng import BatchRNG
 
-    torch.manual_seed(0)
     disc = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
     fake = torch.randn(4, 1, 8, 8, requires_grad=True)
     discriminator_loss(disc, torch.randn(4, 1, 8, 8), fake, BatchRNG(0, 0, 4, 0, 4), "")["loss"].backward()
@@ -202,14 +202,9 @@ def test_rbf_mmd_is_the_unbiased_sum_over_bandwidths_of_gaussian_kernels():  # m
 def test_sd_codec_encodes_to_shifted_scaled_latents_and_defaults_to_sds_scale():  # mutants: shift sign, default
     from types import SimpleNamespace
 
-    from diffusers import AutoencoderKL
-
     from cmgen.latents import LatentCodec, sd_factors
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=8, scaling_factor=0.5, shift_factor=0.25).eval()
+    vae = tiny_vae(scaling_factor=0.5, shift_factor=0.25)
     codec = LatentCodec.sd(vae, (4, 4, 4))
     z = torch.randn(3, 4, 4, 4)
     assert torch.allclose(codec.normalise(z), (z - 0.25) * 0.5)        # SD3's (z - shift) * scale
@@ -233,10 +228,9 @@ def test_digit_reward_of_a_colour_image_is_that_of_its_itu_601_luma():  # mutant
 
 
 def test_lct_pseudo_huber_baseline_takes_the_place_of_the_cauchy_term():  # mutant: cauchy either way
-    from test_lct import _loss, _method
+    from test_lct import _loss, _method, hand_pair
 
     from cmgen.methods.lct import adaptive_c
-    from cmgen.rng import BatchRNG
 
     m, _, _ = _method(["method.loss=pseudo_huber", "method.diffusion_weight=0"])
     torch.manual_seed(1)
@@ -244,13 +238,9 @@ def test_lct_pseudo_huber_baseline_takes_the_place_of_the_cauchy_term():  # muta
     z = torch.randn_like(x)
     step = 69
     out, _, _ = _loss(m, x, step, z)
-    n = m.discretisation(step)
-    sigmas, probs = m.grid(n)
-    i = BatchRNG(3, step, 16, 0, 16).multinomial(probs)
-    s_t, s_s = sigmas[i].float(), sigmas[i + 1].float()
-    f = lambda s: (x + s.view(-1, 1, 1, 1) * z) * (0.9 / (1 + s.view(-1, 1, 1, 1)))  # noqa: E731  (test_lct.Linear)
+    n, _, s_t, s_s, pred, target, _ = hand_pair(m, x, z, step)
     c = adaptive_c(n)
-    sq = (f(s_s) - f(s_t)).flatten(1).pow(2).mean(1)
+    sq = (pred - target).flatten(1).pow(2).mean(1)
     assert out["loss"].item() == pytest.approx((1 / (s_s - s_t) * ((sq + c * c).sqrt() - c)).mean().item(), rel=1e-5)
     assert "pseudo_huber" in out and "cauchy" not in out
 
@@ -261,8 +251,8 @@ def _edm_trainer(tmp_path, name, *extra):
     from cmgen.recipe import load_recipe
     from cmgen.train import Trainer
 
-    over = ["model.block_out_channels=[16,32]", "model.norm_num_groups=8", "model.attention_head_dim=8",
-            "train.batch_size=8", "train.sample_every=0", "train.checkpoint_every=100", "optim.warmup_steps=0"]
+    over = TINY_UNET + ["train.batch_size=8", "train.sample_every=0", "train.checkpoint_every=100",
+                        "optim.warmup_steps=0"]
     return Trainer(load_recipe("edm_digits", over + list(extra)), tmp_path / name, progress=False)
 
 
