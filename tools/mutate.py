@@ -28,13 +28,14 @@ NEW = ("tests/test_mutants.py", "tests/test_scale.py")
 CORE = ["tests/test_formulas.py", "tests/test_ict.py", "tests/test_ict_pinned.py", "tests/test_mutants.py"]
 SAMPLING = ["tests/test_sampling.py", "tests/test_edm_flow.py", "tests/test_mutants.py"]
 # the ImageNet-64 smoke test (two minutes) is left out: it checks that the recipe runs, not a formula
-CTM = ["tests/test_ctm.py", "--deselect=tests/test_ctm.py::test_ctm_gpu_recipes_smoke_on_the_cpu", "tests/test_mutants.py"]
+CTM_FILE = ["tests/test_ctm.py", "--deselect=tests/test_ctm.py::test_ctm_gpu_recipes_smoke_on_the_cpu"]
+CTM = CTM_FILE + ["tests/test_mutants.py"]
 AWM = ["tests/test_awm.py", "tests/test_awm_lora.py", "tests/test_mutants.py"]
 EVAL = ["tests/test_eval_frechet.py", "tests/test_eval_metrics.py", "tests/test_eval_sanity.py", "tests/test_mutants.py"]
 LCD = ["tests/test_ldm_formulas.py", "tests/test_lcd.py", "tests/test_ldm_rewards.py", "tests/test_lcd_sd.py",
        "tests/test_mutants.py"]
 TESTS = {
-    "cmgen/precond.py": CORE + ["tests/test_edm_flow.py"] + CTM[:2],
+    "cmgen/precond.py": CORE + ["tests/test_edm_flow.py"] + CTM_FILE,
     "cmgen/schedules.py": CORE,
     "cmgen/losses.py": CORE,
     "cmgen/methods/ict.py": CORE,
@@ -75,8 +76,7 @@ TESTS = {
     "cmgen/methods/flowgrpo.py": AWM,
     "sampling/registry.py": SAMPLING,
     "cmgen/pipelines.py": ["tests/test_export.py", "tests/test_export_diffusion.py", "tests/test_mutants.py"],
-    "cmgen/data/__init__.py": ["tests/test_data.py", "tests/test_ctm.py::test_ctm_checks_count_samples_near_modes_and_each_modes_mass",
-                               "tests/test_mutants.py"],
+    "cmgen/data/__init__.py": ["tests/test_data.py", "tests/test_mutants.py"],
 }
 
 
