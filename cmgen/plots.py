@@ -10,7 +10,8 @@ import torch
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """NCHW float in [-1, 1] -> NHWC uint8 (round half up, as diffusers' numpy_to_pil after /2+0.5)."""
+    """NCHW float in [-1, 1] -> NHWC uint8, clamped, then rounded to nearest (ties to even, as numpy's round
+    in diffusers' numpy_to_pil after /2+0.5)."""
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 

@@ -366,3 +366,144 @@ def test_the_ring_has_eight_modes_at_multiples_of_a_quarter_pi_on_radius_0_7(): 
         centre = ds.x[ds.labels == k].mean(0)
         want = 0.7 * torch.tensor([math.cos(k * math.pi / 4), math.sin(k * math.pi / 4)])
         assert torch.allclose(centre, want, atol=0.01), (k, centre)
+
+
+# ----------------------------------------------------------------------------- embeddings, rewards, evaluation
+
+def test_mlp_time_embedding_is_diffusers_sinusoidal_with_cos_first():  # mutants: sin first, / (half - 1)
+    import math
+
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    from cmgen.models.mlp import sinusoidal_embedding
+
+    t = torch.tensor([0.0, 0.3, -2.5, 40.0])
+    got = sinusoidal_embedding(t, 16)
+    assert torch.allclose(got, get_timestep_embedding(t, 16, flip_sin_to_cos=True, downscale_freq_shift=0), atol=1e-6)
+    # by hand: column i < 8 is cos(t 10000^(-i/8)), column 8 + i its sine
+    assert torch.allclose(got[:, 0], torch.cos(t)) and torch.allclose(got[:, 8], torch.sin(t))
+    assert torch.allclose(got[:, 3], torch.cos(t * 10000 ** (-3 / 8)), atol=1e-6)
+    assert torch.allclose(got[:, 15], torch.sin(t * math.exp(-math.log(10000) * 7 / 8)), atol=1e-6)
+
+
+def test_reward_shift_is_tuned_minus_base():  # mutant: base - tuned
+    import numpy as np
+
+    from cmgen.eval.frechet import FeatureStats
+    from cmgen.eval.reward_eval import reward_row, shift_fields
+
+    stats = FeatureStats(0)
+    stats.update(np.random.default_rng(0).normal(size=(50, 3)))
+    tuned, base = reward_row("tuned", np.array([0.9, 0.7, 0.8])), reward_row("base", np.array([0.1, 0.3, 0.2]))
+    assert shift_fields(tuned, base, stats, stats, "FD")["delta_vs_base"] == pytest.approx(0.6)
+
+
+def test_jpeg_reward_enlarges_small_images_by_the_smallest_factor_reaching_32():  # mutant: factor floored
+    from cmgen.rewards.jpeg import to_uint8
+
+    for side, factor in ((8, 4), (12, 3), (20, 2), (32, 1), (40, 1)):
+        x = torch.linspace(-1, 1, side * side).view(1, 1, side, side)
+        u = to_uint8(x)
+        assert u.shape == (1, side * factor, side * factor, 1)
+        assert (u[0, ::factor, ::factor, 0] == u[0, factor - 1::factor, factor - 1::factor, 0]).all()
+        assert u[0, 0, 0, 0] == 0 and u[0, -1, -1, 0] == 255
+
+
+def test_jpeg_surrogate_predicts_kilobytes_on_their_scale_and_its_reward_is_minus_that():
+    # mutants: the standardised output not scaled back by the sizes' std; the reward's sign
+    from scipy.stats import spearmanr
+
+    from cmgen.rewards.jpeg import jpeg_kb, jpeg_surrogate, surrogate, surrogate_training_images
+
+    x = surrogate_training_images(seed=123)[::7]
+    kb = jpeg_kb(x)
+    with torch.no_grad():
+        pred = surrogate()(x)
+        reward = jpeg_surrogate()(x, None)
+    assert (pred - kb).abs().mean() < 0.5 * kb.std()
+    assert torch.allclose(reward, -pred)
+    assert spearmanr(reward.numpy(), (-kb).numpy()).statistic > 0.8   # smaller files score higher
+
+
+def test_uint8_conversion_clamps_then_rounds_to_nearest():  # mutant: no clamp (values outside [-1, 1] wrap)
+    from cmgen.plots import to_uint8
+
+    x = torch.tensor([-3.0, -1.0, -0.5, 0.5, 1.0, 2.5]).view(1, 1, 1, 6)   # (x + 1) 127.5: 63.75, 191.25
+    assert to_uint8(x)[0, 0, :, 0].tolist() == [0, 0, 64, 191, 255, 255]
+
+
+def test_rgb_reduced_to_grey_by_itu601_luma_for_the_digits_features():
+    # mutants: reversed luma weights in eval/sources.py and eval/digits_net.py, 255 not halved
+    import numpy as np
+
+    from cmgen.eval.digits_net import to_digit_tensor
+    from cmgen.eval.sources import _as_channels
+
+    rgb = np.zeros((3, 8, 8, 3), np.uint8)
+    for k in range(3):
+        rgb[k, ..., k] = 255                                       # pure red, green, blue
+    grey = _as_channels(rgb, 1)
+    assert grey.shape == (3, 8, 8, 1) and grey[:, 0, 0, 0].tolist() == [76, 150, 29]
+    want = torch.tensor([0.299, 0.587, 0.114]) * 255 / 127.5 - 1.0
+    assert torch.allclose(to_digit_tensor(rgb)[:, 0, 0, 0], want, atol=1e-6)
+    ends = to_digit_tensor(np.array([0, 255], np.uint8).reshape(2, 1, 1, 1))
+    assert ends.shape == (2, 1, 1, 1) and ends.flatten().tolist() == [-1.0, 1.0]
+
+
+def test_digits_features_are_standardised_over_the_digits():  # mutant: not divided by the std
+    from cmgen.data import load_digits
+    from cmgen.eval.digits_net import digits_net
+
+    with torch.no_grad():
+        f = digits_net().features(load_digits().x)
+    assert f.mean(0).abs().max() < 1e-4
+    live = f.std(0) > 1e-3                                           # dead ReLU units stay at 0
+    assert live.sum() > f.shape[1] // 2 and torch.allclose(f.std(0)[live], torch.ones(int(live.sum())), atol=1e-3)
+
+
+def test_clip_input_is_scaled_to_0_1_and_normalised_by_clip_mean_and_std():  # mutants: swapped, no / 255
+    import numpy as np
+
+    from cmgen.eval.features import clip_preprocess
+
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    x = clip_preprocess(np.stack([np.zeros((16, 16, 3), np.uint8), np.full((16, 16, 3), 255, np.uint8)]))
+    assert x.shape == (2, 3, 224, 224)
+    assert torch.allclose(x[0, :, 100, 100], -mean / std, atol=1e-5)
+    assert torch.allclose(x[1, :, 100, 100], (1 - mean) / std, atol=1e-5)
+
+
+def test_vae_loss_decodes_a_posterior_sample_mean_plus_std_times_noise():  # mutant: variance times noise
+    from cmgen.vae_train import vae_loss
+
+    vae = tiny_vae()
+    x = torch.rand(3, 1, 8, 8) * 2 - 1
+    with torch.no_grad():
+        _, terms = vae_loss(vae, x, torch.Generator().manual_seed(5), kl_weight=0.5)
+        post = vae.encode(x).latent_dist
+        assert (post.std - post.var).abs().max() > 1e-3              # the two would otherwise agree
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(5))
+        mse = (vae.decode(z).sample - x).pow(2).mean()
+    assert terms["mse"].item() == pytest.approx(mse.item(), rel=1e-5)
+
+
+def test_ldm_loss_drops_labels_to_the_null_label_at_the_recipe_rate():  # mutant: label dropout skipped
+    from test_ldm_rewards import _ldm
+
+    from cmgen.methods import Batch, Nets
+    from cmgen.rng import BatchRNG
+
+    m, gen = _ldm("epsilon", label_dropout=0.5)
+    seen = {}
+
+    def model(zt, t, labels):
+        seen["labels"] = labels
+        return torch.zeros_like(zt)
+
+    labels = torch.arange(400) % 10
+    m.loss(Nets(model=model), Batch(torch.zeros(400, 4, 4, 4), labels, BatchRNG(3, 7, 400, 0, 400)), 7)
+    got = seen["labels"]
+    dropped = got == gen.null_label
+    assert 0.4 < dropped.float().mean() < 0.6
+    assert torch.equal(got[~dropped], labels[~dropped])
