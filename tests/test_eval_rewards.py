@@ -1,5 +1,6 @@
 """Rewards: JPEG (RLCM definition), brightness, the digits classifier, the aesthetic predictor's loading path."""
 import io
+import os
 import sys
 import types
 
@@ -118,3 +119,31 @@ def test_aesthetic_head_on_clip_embeddings(monkeypatch, tmp_path):
     np.testing.assert_allclose(got, e[:, 0].numpy(), rtol=1e-6)
     deep = {"net.10.weight": torch.zeros(1, 3), "net.2.weight": torch.zeros(3, 7)}
     assert [w.shape[1] for w, _ in linear_stack_from_state(deep)] == [7, 3]  # numeric order: 2 before 10
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("name, option", [("aesthetic", "--aesthetic"), ("hpsv2.1", "--hpsv21")])
+def test_reward_weights_that_need_unpickling_are_refused_not_executed(name, option, tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "weights.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "config": _Exploit(marker)}, bad)
+    (tmp_path / "clip.pt").write_bytes(b"stand-in")
+    kwargs = {"aesthetic": {"aesthetic": str(bad), "clip": str(tmp_path / "clip.pt")}, "hpsv2.1": {"hpsv21": str(bad)}}
+    with pytest.raises(UserError) as err:
+        build_reward(name, **kwargs[name])
+    msg = str(err.value)
+    assert not marker.exists(), "the pickle was executed"
+    assert option in msg and "never pickled objects" in msg and "\n" not in msg
+    # a plain state dict gets past the weights (hpsv2.1 then needs open_clip, which is not installed here)
+    good = tmp_path / "plain.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, good)
+    from cmgen.rewards.weights import load_state_dict
+
+    assert torch.equal(load_state_dict(good, option, "fix")["state_dict"]["w"], torch.zeros(2))

@@ -49,6 +49,22 @@ def clip_input(x: torch.Tensor, size: int = 224) -> torch.Tensor:
     return (x - mean) / std
 
 
+def load_state_dict(path: Path, option: str, fix: str) -> dict:
+    """Tensors from a .safetensors file or a torch file read with weights_only=True: a file that needs
+    unpickling of arbitrary objects is refused in one sentence, never executed."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise UserError(f"{option} '{path}' is not a plain state dict of tensors ({exc.__class__.__name__}: cmgen "
+                        f"loads weights only, never pickled objects); {fix}, or re-save it as safetensors") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{option} '{path}' holds a {type(state).__name__}, not a state dict; {fix}")
+    return state
+
+
 def _prompts(cond, n: int, what: str) -> list[str]:
     if cond is None or isinstance(cond, torch.Tensor) or len(cond) != n:
         raise UserError(f"reward {what} scores images against prompts; give one prompt per image (a text model)")
@@ -82,15 +98,11 @@ def load_aesthetic_head(explicit: Optional[str]) -> tuple[list, Path]:
                         "it with --aesthetic PATH or CMGEN_AESTHETIC=PATH, plus CLIP ViT-L/14 from "
                         f"{CLIP_L14_URL} with --clip PATH)")
     path = Path(given).expanduser()
+    state = load_state_dict(path, "--aesthetic", f"download {AESTHETIC_URL}")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
         return linear_stack_from_state(state), path
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise UserError(f"--aesthetic '{path}' is not a state dict of linear layers ({exc.__class__.__name__}); "
+    except (ValueError, KeyError, AttributeError) as exc:
+        raise UserError(f"--aesthetic '{path}' is not a state dict of linear layers ({exc}); "
                         f"download {AESTHETIC_URL}") from None
 
 
@@ -166,12 +178,12 @@ def clipscore(clipscore: Optional[str] = None, device="cpu") -> Reward:
 def hpsv21(hpsv21: Optional[str] = None, device="cpu") -> Reward:
     """HPSv2.1 (Wu et al. 2023): an OpenCLIP ViT-H-14 fine-tuned on human preferences, cos(image, prompt)."""
     path = weights_path(hpsv21, "CMGEN_HPSV21", "hpsv2.1", "HPS_v2.1_compressed.pt from xswu/HPSv2", "--hpsv21")
+    state = load_state_dict(path, "--hpsv21", "download HPS_v2.1_compressed.pt from xswu/HPSv2")
     try:
         import open_clip
     except ImportError:
         raise UserError("reward hpsv2.1 needs the 'open_clip' package; pip install open-clip-torch") from None
     model, _, _ = open_clip.create_model_and_transforms("ViT-H-14", pretrained=None, device=device)
-    state = torch.load(str(path), map_location="cpu", weights_only=False)
     model.load_state_dict(state.get("state_dict", state))
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer("ViT-H-14")
