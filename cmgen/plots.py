@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# ITU-R 601 luma weights of R, G, B: PIL's 'L' conversion, how every RGB image is reduced to grey here
+LUMA_601 = (0.299, 0.587, 0.114)
+
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """NCHW float in [-1, 1] -> NHWC uint8, clamped, then rounded to nearest (ties to even, as numpy's round

@@ -50,7 +50,8 @@ class ModelConfig:
     preset: Optional[str] = None    # named UNet2DModel configuration (see cmgen.models.unet.PRESETS)
     block_out_channels: Optional[tuple[int, ...]] = None
     layers_per_block: Optional[int] = None
-    attention_levels: Optional[tuple[int, ...]] = None  # indices of levels with self-attention
+    # indices of levels with self-attention; unset: the preset's, or the last level if block_out_channels changes the count
+    attention_levels: Optional[tuple[int, ...]] = None
     attention_head_dim: Optional[int] = None
     norm_num_groups: Optional[int] = None
     norm: str = "group"             # group | nsln (every GroupNorm -> NsLN, latent_ct.md)

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cmgen.plots import LUMA_601
+
 VERSION = "digits-cnn-v2"
 FEATURE_DIM = 64
 EPOCHS = 12
@@ -125,7 +127,7 @@ def to_digit_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 NHWC 8x8 (1 or 3 channels) -> float N1HW in [-1, 1]; RGB is reduced to luma (ITU-R 601, as PIL 'L')."""
     x = torch.as_tensor(np.asarray(images), dtype=torch.float32)
     if x.shape[-1] == 3:
-        x = x @ torch.tensor([0.299, 0.587, 0.114])
+        x = x @ torch.tensor(LUMA_601)
     else:
         x = x[..., 0]
     return x[:, None] / 127.5 - 1.0

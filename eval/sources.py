@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cmgen.errors import UserError
+from cmgen.plots import LUMA_601
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
 
@@ -43,7 +44,7 @@ def _as_channels(batch: np.ndarray, channels: int) -> np.ndarray:
     if channels == 3 and c == 1:
         return np.repeat(batch, 3, axis=-1)
     if channels == 1 and c == 3:
-        luma = batch.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        luma = batch.astype(np.float32) @ np.array(LUMA_601, np.float32)
         return np.clip(np.round(luma), 0, 255).astype(np.uint8)[..., None]
     raise UserError(f"images have {c} channels; only 1 (grey) or 3 (RGB) can be evaluated")
 

@@ -507,3 +507,204 @@ def test_ldm_loss_drops_labels_to_the_null_label_at_the_recipe_rate():  # mutant
     dropped = got == gen.null_label
     assert 0.4 < dropped.float().mean() < 0.6
     assert torch.equal(got[~dropped], labels[~dropped])
+
+
+# ------------------------------------------------------------------------------ round 9: checkpoints and resume
+
+def test_checkpoint_ema_file_holds_the_ema_not_the_raw_weights(tmp_path, tiny_digits_overrides):
+    # mutant: the EMA file written as raw weights (a resume then equals a straight run either way)
+    from cmgen.checkpoint import list_checkpoints, load_tensors
+    from cmgen.recipe import load_recipe
+    from cmgen.train import Trainer
+
+    recipe = load_recipe("ict_digits", tiny_digits_overrides + ["train.steps=3", "train.checkpoint_every=3",
+                                                               "train.ema_decay=0.5"])
+    tr = Trainer(recipe, tmp_path / "run", progress=False)
+    tr.run()
+    ckpt = list_checkpoints(tmp_path / "run")[-1]
+    raw, ema = load_tensors(ckpt / "model.safetensors"), load_tensors(ckpt / "ema.safetensors")
+    shadow = tr.parts["model"].ema.state_dict()
+    assert shadow and all(torch.equal(ema[k], v) for k, v in shadow.items())
+    assert any(not torch.equal(raw[k], v) for k, v in shadow.items())
+    # buffers that the EMA does not average travel with it
+    assert set(ema) == set(raw)
+
+
+def test_resume_accepts_changed_eval_and_logging_keys_and_names_any_other(tmp_path, tiny_digits_overrides):
+    # mutant: the 'eval.' prefix of RESUMABLE matched only as a whole key
+    from cmgen.errors import UserError
+    from cmgen.recipe import load_recipe
+    from cmgen.train import Trainer, train
+
+    base = tiny_digits_overrides + ["train.steps=2", "train.checkpoint_every=2"]
+    run = train(load_recipe("ict_digits", base), tmp_path / "run", progress=False)
+    changed = base + ["eval.every=5", "eval.n=16", "train.log_every=7", "train.steps=4"]
+    tr = Trainer(load_recipe("ict_digits", changed), run, resume="auto", progress=False)
+    assert tr.step == 2 and tr.recipe.eval.every == 5 and tr.recipe.eval.n == 16
+    with pytest.raises(UserError, match="'optim.lr'"):
+        Trainer(load_recipe("ict_digits", base + ["optim.lr=0.5"]), run, resume="auto", progress=False)
+
+
+def test_a_resume_between_log_rows_logs_the_mean_of_the_straight_run(tmp_path, tiny_digits_overrides):
+    # mutant: the loss sums accumulated since the last logged row are not restored on resume
+    from cmgen.plots import read_metrics
+    from cmgen.recipe import load_recipe
+    from cmgen.train import train
+
+    recipe = load_recipe("ict_digits", tiny_digits_overrides + ["train.steps=4", "train.checkpoint_every=1",
+                                                               "train.log_every=4"])
+    straight = train(recipe, tmp_path / "straight", progress=False)
+    split = train(recipe, tmp_path / "split", progress=False, stop_after=2)   # steps 1, 2 summed, not yet logged
+    train(recipe, split, resume="auto", progress=False)
+    rows = read_metrics(straight / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [4] and rows == read_metrics(split / "metrics.jsonl")
+
+
+def test_a_run_folder_loads_its_newest_checkpoint(tmp_path, tiny_digits_overrides):
+    # mutant: resolve_checkpoint takes the oldest complete checkpoint
+    from cmgen.checkpoint import load_tensors
+    from cmgen.recipe import load_recipe
+    from cmgen.runs import load_model, resolve_checkpoint
+    from cmgen.train import train
+
+    recipe = load_recipe("ict_digits", tiny_digits_overrides + ["train.steps=3", "train.checkpoint_every=1",
+                                                               "train.keep_last=3"])
+    run = train(recipe, tmp_path / "run", progress=False)
+    assert len(list((run / "checkpoints").iterdir())) == 3
+    assert resolve_checkpoint(run).name == "step-00000003"
+    gen = load_model(run)
+    own = gen.net.state_dict()
+    assert gen.step == 3
+    assert all(torch.equal(own[k], v) for k, v in load_tensors(resolve_checkpoint(run) / "ema.safetensors").items())
+
+
+# ------------------------------------------------------------------------------ round 9: export, SD3 codec
+
+def test_export_refuses_to_publish_a_folder_holding_pickled_weights(tiny_run, tmp_path, monkeypatch):
+    # mutant: the check for pickles before the folder is published skipped
+    from diffusers import ConsistencyModelPipeline
+
+    from cmgen.export import export_model
+
+    real = ConsistencyModelPipeline.save_pretrained
+
+    def save_with_a_pickle(self, folder, **kw):
+        real(self, folder, **kw)
+        torch.save({"w": torch.zeros(1)}, folder / "unet" / "diffusion_pytorch_model.bin")
+
+    monkeypatch.setattr(ConsistencyModelPipeline, "save_pretrained", save_with_a_pickle)
+    out = tmp_path / "pipe"
+    with pytest.raises(RuntimeError, match="pickled weights"):
+        export_model(tiny_run, out)
+    assert not out.exists() and not list(tmp_path.glob(".pipe.tmp-*"))
+
+
+def test_sd3_codec_normalises_like_the_sd3_pipeline_and_decodes_its_own_latents():
+    # mutants: decode shifts before unscaling, encode's shift sign
+    pytest.importorskip("transformers")
+    import copy
+
+    from cmgen.eval.digits_net import cache_dir
+    from cmgen.models.sd3 import SD3Codec, load_pipeline, tiny_sd3_pipeline
+
+    vae = copy.deepcopy(load_pipeline(str(tiny_sd3_pipeline(cache_dir() / "tiny-sd3-v1" / "pipeline"))).vae).eval()
+    codec = SD3Codec(copy.deepcopy(vae))
+    scale, shift = vae.config.scaling_factor, vae.config.shift_factor
+    assert scale != 1 and shift != 0
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        mode = vae.encode(x).latent_dist.mode()
+        z = codec.encode(x)
+        assert torch.allclose(z, (mode - shift) * scale, atol=1e-6)
+        # StableDiffusion3Pipeline decodes latents / scaling_factor + shift_factor
+        assert torch.allclose(codec.decode(z), vae.decode(z / scale + shift).sample.clamp(-1, 1), atol=1e-6)
+        assert torch.allclose(codec.decode(z), vae.decode(mode).sample.clamp(-1, 1), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ round 9: UNet levels
+
+def test_unet_attention_works_at_the_same_resolutions_on_the_way_down_and_up():
+    # mutants: the default attention level is the first, not the last; up blocks listed in down order
+    from dataclasses import replace
+
+    from diffusers import UNet2DModel
+
+    from cmgen.models.unet import unet_kwargs
+    from cmgen.recipe import load_recipe
+
+    m = load_recipe("ict_digits").model          # the digits preset: 2 levels, attention at the second
+    three = replace(m, block_out_channels=(32, 32, 64))
+    kw = unet_kwargs(three, 1, 8, 0)             # a third level, attention_levels unset: the last level
+    assert kw["down_block_types"] == ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D")
+    assert kw["up_block_types"] == ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")
+
+    kw = unet_kwargs(replace(three, attention_levels=(0,)), 1, 8, 0)
+    unet = UNet2DModel(**kw)
+    sizes = {"down": [], "up": []}
+    for name, mod in unet.named_modules():
+        if type(mod).__name__ == "Attention":
+            side = "down" if name.startswith(("down_blocks", "mid_block")) else "up"
+            if not name.startswith("mid_block"):
+                mod.register_forward_hook(lambda mod, args, out, s=side: sizes[s].append(args[0].shape[-1]))
+    with torch.no_grad():
+        unet(torch.zeros(1, 1, 8, 8), torch.tensor([1.0]))
+    assert set(sizes["down"]) == set(sizes["up"]) == {8}
+
+
+# ------------------------------------------------------------------------------ round 9: the image cache
+
+def test_image_cache_refuses_a_file_rewritten_in_place_with_the_same_size(tmp_path):
+    # mutant: the source fingerprint ignores modification times
+    import os
+
+    from test_scale import _folder
+
+    from cmgen.data import image_folder
+    from cmgen.errors import UserError
+
+    src = _folder(tmp_path / "imgs")
+    image_folder(str(src), 8, cache=str(tmp_path / "cache"))
+    victim = src / "b" / "010.png"                   # not the file the size probe decodes
+    data, st = bytearray(victim.read_bytes()), victim.stat()
+    data[len(data) // 2] ^= 0xFF                     # one byte inside the image data: same size, new content
+    victim.write_bytes(bytes(data))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert victim.stat().st_size == st.st_size
+    with pytest.raises(UserError, match="changed"):
+        image_folder(str(src), 8, cache=str(tmp_path / "cache"))
+
+
+def test_image_cache_of_one_folder_at_two_resolutions_keeps_two_caches(tmp_path):
+    # mutant: the cache key leaves out what is cached (the resolution)
+    from test_scale import _folder
+
+    from cmgen.data import image_folder
+
+    src = _folder(tmp_path / "imgs")
+    for res in (8, 6, 8):
+        cached = image_folder(str(src), res, cache=str(tmp_path / "cache"))
+        assert cached.x.shape[-2:] == (res, res)
+        assert torch.equal(cached.x, image_folder(str(src), res).x)
+    assert len(list((tmp_path / "cache").glob("*/meta.json"))) == 2
+
+
+# ------------------------------------------------------------------------------ round 9: references
+
+@pytest.mark.parametrize("toy", ["ring", "moons"])
+def test_a_toy_reference_is_fresh_draws_not_the_training_points(toy):
+    # mutant: the named 2-D reference drawn with the training seed
+    import numpy as np
+
+    from cmgen.data import load_dataset
+    from cmgen.eval.refstats import TOY_REF_MIN, named_source
+    from cmgen.recipe import load_recipe
+
+    r = load_recipe("ict_toy2d", [f"data.toy={toy}"])
+    train, _ = load_dataset(r.data, r.train.seed)
+    assert named_source(r.data.toy).n == TOY_REF_MIN  # at least this many fresh points
+    src = named_source(r.data.toy, n=len(train))     # as many points as the training set (eval.n)
+    ref = np.concatenate(list(src.batches(2)))
+    assert src.kind == "points" and len(ref) == len(train) > TOY_REF_MIN
+    seen = {row.tobytes() for row in train.x.numpy()}
+    assert not any(row.tobytes() in seen for row in ref.astype(np.float32))   # no training point among them
+    assert abs(ref.std() - train.x.double().std().item()) < 0.05   # same distribution

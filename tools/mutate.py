@@ -34,6 +34,10 @@ AWM = ["tests/test_awm.py", "tests/test_awm_lora.py", "tests/test_mutants.py"]
 EVAL = ["tests/test_eval_frechet.py", "tests/test_eval_metrics.py", "tests/test_eval_sanity.py", "tests/test_mutants.py"]
 LCD = ["tests/test_ldm_formulas.py", "tests/test_lcd.py", "tests/test_ldm_rewards.py", "tests/test_lcd_sd.py",
        "tests/test_mutants.py"]
+CKPT = ["tests/test_train.py", "tests/test_protocol.py", "tests/test_old_runs.py", "tests/test_awm_lora.py",
+        "tests/test_reliability.py", "tests/test_mutants.py"]
+EXPORT = ["tests/test_export.py", "tests/test_export_diffusion.py", "tests/test_export_nsln.py", "tests/test_mutants.py"]
+SD3 = ["tests/test_awm_lora.py", "tests/test_awm.py", "tests/test_mutants.py"]
 TESTS = {
     "cmgen/precond.py": CORE + ["tests/test_edm_flow.py"] + CTM_FILE,
     "cmgen/schedules.py": CORE,
@@ -94,6 +98,22 @@ TESTS = {
     "cmgen/methods/ldm.py": LCD,
     "cmgen/models/mlp.py": ["tests/test_formulas.py", "tests/test_edm_flow.py", *CTM],
     "cmgen/generator.py": ["tests/test_edm_flow.py", "tests/test_protocol.py", *LCD],
+    "cmgen/checkpoint.py": CKPT,
+    "cmgen/state.py": CKPT,
+    "cmgen/runs.py": ["tests/test_export.py", "tests/test_cli.py", "tests/test_train.py", "tests/test_mutants.py"],
+    "cmgen/export.py": EXPORT,
+    "cmgen/export_lcm.py": ["tests/test_lcd.py", "tests/test_lcd_sd.py", "tests/test_mutants.py"],
+    "cmgen/pipelines_lcm.py": ["tests/test_lcd.py", "tests/test_lcd_sd.py", "tests/test_mutants.py"],
+    "cmgen/lora.py": SD3,
+    "cmgen/models/sd3.py": SD3,
+    "cmgen/models/unet.py": ["tests/test_export.py", "tests/test_formulas.py", "tests/test_recipes.py", "tests/test_mutants.py"],
+    "cmgen/data/cache.py": ["tests/test_data.py", "tests/test_latents.py", "tests/test_mutants.py", "tests/test_scale.py"],
+    "cmgen/data/loader.py": ["tests/test_data.py", "tests/test_mutants.py", "tests/test_scale.py"],
+    "eval/refstats.py": ["tests/test_eval_sources.py", "tests/test_eval_cli.py", "tests/test_eval_sanity.py",
+                         "tests/test_eval_features.py", "tests/test_mutants.py"],
+    "eval/inloop.py": ["tests/test_eval_inloop.py", "tests/test_mutants.py",
+                       "tests/test_scale.py::test_two_process_eval_and_in_loop_eval_equal_one_process"],
+    "cmgen/methods/base.py": ["tests/test_protocol.py", *CTM],
 }
 
 
@@ -271,7 +291,7 @@ MUTANTS = [
     M("latent codec: denormalise without the mean", "cmgen/latents.py", "return x.float() * self.std / self.sigma_data + self.mean", "return x.float() * self.std / self.sigma_data"),
     M("latent codec: sd shift sign", "cmgen/latents.py", "return (z.float() - self.shift_factor) * self.scaling_factor", "return (z.float() + self.shift_factor) * self.scaling_factor"),
     M("latent codec: sd scale default", "cmgen/latents.py", "return float(0.18215 if scale is None else scale), float(shift or 0.0)", "return float(1.0 if scale is None else scale), float(shift or 0.0)"),
-    M("digit reward: luma weights", "cmgen/rewards/digits.py", "torch.tensor([0.299, 0.587, 0.114]", "torch.tensor([0.333, 0.333, 0.334]"),
+    M("digit reward: luma weights", "cmgen/rewards/digits.py", "torch.tensor(LUMA_601, device", "torch.tensor((0.333, 0.333, 0.334), device"),
     M("digit reward: top class, not the condition", "cmgen/rewards/digits.py", "        if cond is None:\n            return probs.max(1).values\n", "        if True:\n            return probs.max(1).values\n"),
     M("lcm sampling: renoise without sqrt", "sampling/lcm.py", "z = ab.sqrt() * denoised + (1 - ab).sqrt() * z", "z = ab * denoised + (1 - ab) * z"),
     M("lcm sampling: same noise every step", "sampling/lcm.py", "        z = noise(k).float()\n", "        z = noise(0).float()\n"),
@@ -329,9 +349,9 @@ MUTANTS = [
     # image conversions, feature preprocessing, the rewards' own formulas, the VAE and latent diffusion losses
     M("to_uint8: no clamp before the cast", "cmgen/plots.py", "x = ((x.float().clamp(-1, 1) + 1) * 127.5).round()", "x = ((x.float() + 1) * 127.5).round()"),
     M("to_uint8: truncates instead of rounding", "cmgen/plots.py", "* 127.5).round().to(torch.uint8)", "* 127.5).floor().to(torch.uint8)"),
-    M("eval luma: weights reversed", "eval/sources.py", "np.array([0.299, 0.587, 0.114], np.float32)", "np.array([0.114, 0.587, 0.299], np.float32)"),
+    M("eval luma: weights reversed", "eval/sources.py", "np.array(LUMA_601, np.float32)", "np.array(LUMA_601[::-1], np.float32)"),
     M("digits features: 255 not halved", "eval/digits_net.py", "return x[:, None] / 127.5 - 1.0", "return x[:, None] / 255.0 - 1.0"),
-    M("digits features: RGB luma weights reversed", "eval/digits_net.py", "x = x @ torch.tensor([0.299, 0.587, 0.114])", "x = x @ torch.tensor([0.114, 0.587, 0.299])"),
+    M("digits features: RGB luma weights reversed", "eval/digits_net.py", "x = x @ torch.tensor(LUMA_601)", "x = x @ torch.tensor(LUMA_601[::-1])"),
     M("digits features: not standardised", "eval/digits_net.py", "return (self.trunk(x) - self.feature_mean) / self.feature_std", "return self.trunk(x) - self.feature_mean"),
     M("inception: clean and legacy resizing swapped", "eval/features.py", "resize_inside=legacy)", "resize_inside=not legacy)"),
     M("clip input: mean and std swapped", "eval/features.py", "TF.normalize(x, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))", "TF.normalize(x, (0.26862954, 0.26130258, 0.27577711), (0.48145466, 0.4578275, 0.40821073))"),
@@ -355,6 +375,47 @@ MUTANTS = [
     M("mlp time embedding: sin first", "cmgen/models/mlp.py", "torch.cat([torch.cos(args), torch.sin(args)], dim=-1)", "torch.cat([torch.sin(args), torch.cos(args)], dim=-1)"),
     M("mlp time embedding: frequencies over half - 1", "cmgen/models/mlp.py", "dtype=torch.float32) / half)", "dtype=torch.float32) / (half - 1))"),
     M("null label: an index of a real class", "cmgen/generator.py", "        return num_classes\n", "        return num_classes - 1\n"),
+    # round 9: checkpoints, resume, export, LoRA and SD3, UNet presets, the image cache, workers, references, in-loop eval
+    M("checkpoints: listed newest first", "cmgen/checkpoint.py", "return [p for _, p in sorted(found)]", "return [p for _, p in sorted(found, reverse=True)]"),
+    M("checkpoints: a folder without state.json counts", "cmgen/checkpoint.py", "if m and p.is_dir() and (p / DONE_FILE).is_file():", "if m and p.is_dir():"),
+    M("prune: keeps the oldest", "cmgen/checkpoint.py", "for p in ckpts[:-keep_last]:", "for p in ckpts[keep_last:]:"),
+    M("optimizer state: ids stay strings", "cmgen/checkpoint.py", "state[int(pid)] = ", "state[pid] = "),
+    M("checkpoint: frozen parameters stored", "cmgen/state.py", "named_parameters() if not p.requires_grad}", "named_parameters() if p.requires_grad}"),
+    M("checkpoint: EMA file holds the raw weights", "cmgen/state.py", "dict(weights) | part.ema.state_dict()", "part.ema.state_dict() | dict(weights)"),
+    M("resume: the checkpoint step's metrics dropped", "cmgen/state.py", "if json.loads(line)[\"step\"] <= step:", "if json.loads(line)[\"step\"] < step:"),
+    M("resume: eval.* keys may not change", "cmgen/state.py", "(k.endswith(\".\") and key.startswith(k))", "(k.endswith(\".\") and key == k)"),
+    M("resume: run-length defaults from the new recipe", "cmgen/state.py", "fixed = {k: fo[k] for k, v in fn.items() if k.startswith(\"method.\") and v is None and fo.get(k) is not None}", "fixed = {}"),
+    M("resume: EMA not restored", "cmgen/state.py", "part.ema.load_state_dict(ckpt_io.load_tensors(ckpt / ema_file))", "ckpt_io.load_tensors(ckpt / ema_file)"),
+    M("resume: target networks not restored", "cmgen/state.py", "load_weights(target.module, ckpt_io.load_tensors(ckpt / f\"target-{name}.safetensors\"), str(ckpt))", "ckpt_io.load_tensors(ckpt / f\"target-{name}.safetensors\")"),
+    M("resume: logged-loss sums reset", "cmgen/state.py", "trainer.pending = dict(state.get(\"pending\", {}))", "trainer.pending = {k: 0.0 for k in state.get(\"pending\", {})}"),
+    M("run loading: the oldest checkpoint", "cmgen/runs.py", "    if ckpts:\n        return ckpts[-1]", "    if ckpts:\n        return ckpts[0]"),
+    M("run loading: ema and raw weights swapped", "cmgen/runs.py", "(\"ema.safetensors\" if ema else \"model.safetensors\")", "(\"model.safetensors\" if ema else \"ema.safetensors\")"),
+    M("foreign pipeline: 2-step sigma is sigma_max", "cmgen/runs.py", "mid = float(scheduler.sigmas[1])", "mid = float(scheduler.sigmas[0])"),
+    M("karras grid: exact ignores the timestep", "cmgen/export.py", "exact += _smallest(n, i, same_sigma & same_t)", "exact += _smallest(n, i, same_sigma)"),
+    M("karras grid: only the point below mid", "cmgen/export.py", "for offset in (0, 1):", "for offset in (0,):"),
+    M("export: pickles published", "cmgen/export.py", "        _assert_no_pickles(tmp)\n", "        pass\n"),
+    M("export: a non-empty target is written into", "cmgen/export.py", "if out.exists() and (not out.is_dir() or any(out.iterdir())):", "if out.exists() and not out.is_dir():"),
+    M("export: --no-ema ignored", "cmgen/export.py", "lm = load_model(source, ema=ema)", "lm = load_model(source, ema=True)"),
+    M("edm export: exponential sigmas", "cmgen/export.py", "sigma_schedule=\"karras\", prediction_type=\"epsilon\"", "sigma_schedule=\"exponential\", prediction_type=\"epsilon\""),
+    M("lcm export: trailing timesteps", "cmgen/export_lcm.py", "timestep_spacing=\"leading\"", "timestep_spacing=\"trailing\""),
+    M("lcm pipeline: guidance w = scale, not scale - 1", "cmgen/pipelines_lcm.py", "w = torch.full((batch_size,), float(scale) - 1.0)", "w = torch.full((batch_size,), float(scale))"),
+    M("lora export: adapter alpha dropped", "cmgen/lora.py", "safe_serialization=True, transformer_lora_adapter_metadata=config.to_dict())", "safe_serialization=True)"),
+    M("sd3 codec: decode shifts before unscaling", "cmgen/models/sd3.py", "z.to(self.vae.dtype) / self.scale + self.shift", "(z.to(self.vae.dtype) + self.shift) / self.scale"),
+    M("sd3 codec: encode shift sign", "cmgen/models/sd3.py", ".latent_dist.mode() - self.shift) * self.scale", ".latent_dist.mode() + self.shift) * self.scale"),
+    M("sd3: every image sees prompt 0", "cmgen/models/sd3.py", "encoder_hidden_states=self.prompt_embeds[labels]", "encoder_hidden_states=self.prompt_embeds[labels * 0]"),
+    M("sd3: base not frozen under LoRA", "cmgen/models/sd3.py", "    transformer.requires_grad_(False)\n    names", "    names"),
+    M("sd3: reference keeps the adapter on", "cmgen/models/sd3.py", "        self.transformer.disable_adapters()\n", "        pass\n"),
+    M("unet: default attention at the first level", "cmgen/models/unet.py", "else (levels - 1,)", "else (0,)"),
+    M("unet: up blocks in down order", "cmgen/models/unet.py", "for i in reversed(range(levels)):", "for i in range(levels):"),
+    M("image cache: fingerprint ignores mtime", "cmgen/data/cache.py", "{st.st_size}\\0{st.st_mtime_ns}\\n", "{st.st_size}\\n"),
+    M("image cache: key ignores the spec", "cmgen/data/cache.py", "json.dumps([VERSION, str(source), spec], sort_keys=True)", "json.dumps([VERSION, str(source)], sort_keys=True)"),
+    M("workers: every micro-batch reads the first offset", "cmgen/data/loader.py", "self.sampler.indices(step, self.global_batch, offset, self.count)", "self.sampler.indices(step, self.global_batch, self.offsets[0], self.count)"),
+    M("ref stats: feature space not checked", "eval/refstats.py", "if protocol is not None and protocol.get(\"feature_id\") != net.id:", "if False:"),
+    M("toy reference: the training draw", "eval/refstats.py", "d = toy2d(name, count, TOY_REF_SEED)", "d = toy2d(name, count, 0)"),
+    M("in-loop eval: rows of a crashed run kept", "eval/inloop.py", "if old.get(\"step\", -1) < row[\"step\"]]", "]"),
+    M("in-loop eval: noise moves with the step", "eval/inloop.py", "e.n, seed=0, device=device", "e.n, seed=step, device=device"),
+    M("in-loop reference: training data despite a held-out split", "eval/inloop.py", "(holdout, \"held-out split\") if holdout is not None and len(holdout) > 1 else (data, \"training data\")", "(data, \"training data\")"),
+    M("gate: switches on a step late", "cmgen/methods/base.py", "return start is not None and step >= start", "return start is not None and step > start"),
 ]
 
 # mutants that change no observable behaviour, with the reason (checked by hand)
@@ -362,6 +423,10 @@ EQUIVALENT: dict[str, str] = {
     "gamma: last jump to s, not sigma_min": "gamma_target(sigma_min, gamma, sigma_min) is sigma_min for every gamma",
     "awm: previous-policy copy with gradient": "the copy's weights never take a gradient (TargetNetwork is "
                                                "requires_grad False), so v_prev carries none either way",
+    "sd3: base not frozen under LoRA": "peft's inject_adapter (diffusers' add_adapter) marks only the adapter "
+                                       "trainable itself; the explicit freeze documents it",
+    "lcm export: trailing timesteps": "diffusers' LCMScheduler.set_timesteps never reads timestep_spacing: its "
+                                      "timesteps come from original_inference_steps",
     "advantages: zero-std groups kept": "equal rewards have r - mean = 0 (to rounding), so A is 0 either way; "
                                         "the early exit only saves the arithmetic",
 }

@@ -7,13 +7,14 @@ from typing import Optional
 import torch
 
 from cmgen.errors import UserError
+from cmgen.plots import LUMA_601
 from cmgen.rewards import Reward
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
     """N1HW as is; N3HW to luma with ITU-R 601 weights (as the evaluation path's PIL 'L')."""
     if x.shape[1] == 3:
-        w = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        w = torch.tensor(LUMA_601, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         return (x * w).sum(1, keepdim=True)
     return x
 
