@@ -5,7 +5,6 @@ Bit identity holds for one choice of CPU kernels and thread count: a CPU with AV
 convolution and matmul kernels, which round differently. So each run is made in a child process that
 caps torch's kernels (ATen's and oneDNN's) and MKL's at AVX2 and uses two threads, as the pinned runs did."""
 import hashlib
-import json
 import platform
 import subprocess
 import sys
@@ -45,13 +44,9 @@ def test_ict_weights_are_bit_identical_to_the_pinned_run(tmp_path, case):
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("the pinned checksums are those of x86-64 AVX2 kernels")
     name, over, expected = PINNED[case]
-    env = dict(subprocess_env(), OMP_NUM_THREADS="2", ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2",
-               MKL_ENABLE_INSTRUCTIONS="AVX2")
-    code = ("import json, sys, torch; torch.set_num_threads(2); from cmgen.recipe import load_recipe; "
-            "from cmgen.train import train; name, over, out = json.loads(sys.argv[1]); "
-            "train(load_recipe(name, over), out, progress=False)")
+    env = dict(subprocess_env(), ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2")
     run = tmp_path / "run"
-    subprocess.run([sys.executable, "-c", code, json.dumps([name, over, str(run)])], env=env, check=True,
-                   timeout=300)
+    subprocess.run([sys.executable, "-m", "cmgen.cli", "train", name, *over, "train.threads=2", "--out", str(run),
+                    "--no-progress"], env=env, check=True, capture_output=True, timeout=300)
     ckpt = sorted((run / "checkpoints").iterdir())[-1]
     assert checksum(ckpt) == expected
