@@ -50,6 +50,19 @@ def launch_two_processes(cmgen_args, env=None):
     return proc
 
 
+def random_image_folder(root, n=12, size=(12, 10)):
+    """`n` random RGB PNGs of `size` (H, W) in two class subfolders of `root`, b/ and a/ alternating; returns root."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / ("a" if i % 2 else "b")
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(d / f"{i:03d}.png")
+    return root
+
+
 @pytest.fixture(autouse=True)
 def _fixed_threads_and_seeds():
     """Every test starts from the same global RNG state, whatever ran before it (tests that draw with

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TINY_UNET, tiny_vae
+from conftest import TINY_UNET, random_image_folder, tiny_vae
 from torch import nn
 
 from cmgen.ema import EMA, TargetNetwork
@@ -657,12 +657,10 @@ def test_image_cache_refuses_a_file_rewritten_in_place_with_the_same_size(tmp_pa
     # mutant: the source fingerprint ignores modification times
     import os
 
-    from test_scale import _folder
-
     from cmgen.data import image_folder
     from cmgen.errors import UserError
 
-    src = _folder(tmp_path / "imgs")
+    src = random_image_folder(tmp_path / "imgs")
     image_folder(str(src), 8, cache=str(tmp_path / "cache"))
     victim = src / "b" / "010.png"                   # not the file the size probe decodes
     data, st = bytearray(victim.read_bytes()), victim.stat()
@@ -676,11 +674,9 @@ def test_image_cache_refuses_a_file_rewritten_in_place_with_the_same_size(tmp_pa
 
 def test_image_cache_of_one_folder_at_two_resolutions_keeps_two_caches(tmp_path):
     # mutant: the cache key leaves out what is cached (the resolution)
-    from test_scale import _folder
-
     from cmgen.data import image_folder
 
-    src = _folder(tmp_path / "imgs")
+    src = random_image_folder(tmp_path / "imgs")
     for res in (8, 6, 8):
         cached = image_folder(str(src), res, cache=str(tmp_path / "cache"))
         assert cached.x.shape[-2:] == (res, res)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from cmgen.errors import UserError
 from cmgen.recipe import load_recipe
 from cmgen.train import train
-from conftest import launch_two_processes, subprocess_env
+from conftest import launch_two_processes, random_image_folder, subprocess_env
 
 BIN = Path(sys.executable).parent
 TINY = ["model.block_out_channels=[16,32]", "model.norm_num_groups=8", "model.attention_head_dim=8",
@@ -119,19 +119,10 @@ def test_wandb_runs_offline_without_credentials_and_keeps_its_run_id(tmp_path):
 
 # ------------------------------------------------------------------------------ image cache
 
-def _folder(root: Path, n=12, size=(12, 10)):
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        d = root / ("a" if i % 2 else "b")
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(d / f"{i:03d}.png")
-    return root
-
-
 def test_cache_is_built_once_mapped_and_equal_to_decoding(tmp_path, monkeypatch):
     import cmgen.data as data
 
-    src = _folder(tmp_path / "imgs")
+    src = random_image_folder(tmp_path / "imgs")
     plain = data.image_folder(str(src), 8)
     calls = []
     real = data._decode
@@ -149,7 +140,7 @@ def test_cache_is_built_once_mapped_and_equal_to_decoding(tmp_path, monkeypatch)
 def test_a_changed_source_is_refused_in_one_sentence(tmp_path):
     from cmgen.data import image_folder
 
-    src = _folder(tmp_path / "imgs")
+    src = random_image_folder(tmp_path / "imgs")
     image_folder(str(src), 8, cache=str(tmp_path / "cache"))
     victim = src / "a" / "001.png"
     Image.fromarray(np.zeros((12, 10, 3), np.uint8)).save(victim)
@@ -166,7 +157,7 @@ def test_a_changed_source_is_refused_in_one_sentence(tmp_path):
 def test_a_crash_while_building_leaves_no_cache_behind(tmp_path, monkeypatch):
     import cmgen.data as data
 
-    src = _folder(tmp_path / "imgs")
+    src = random_image_folder(tmp_path / "imgs")
     real = data._decode
 
     def dies(p, r):
@@ -184,7 +175,7 @@ def test_a_crash_while_building_leaves_no_cache_behind(tmp_path, monkeypatch):
 
 
 def test_workers_and_resume_train_on_exactly_the_batches_of_a_straight_run(tmp_path):
-    src = _folder(tmp_path / "imgs", n=20)
+    src = random_image_folder(tmp_path / "imgs", n=20)
     over = TINY + [f"data.path={src}", "data.name=folder", "data.resolution=8", "data.holdout=4", "train.steps=6",
                    "train.checkpoint_every=3", "method.s1=20", "train.grad_accum=2", "data.hflip=true",
                    f"data.cache={tmp_path / 'cache'}", "model.class_conditional=true"]
