@@ -61,6 +61,19 @@ def test_holdout_reference_adds_the_real_data_floor(digits_run, tmp_path, capsys
     assert table["protocol"]["reference"]["n"] == 297  # ict_digits keeps 297 digits out of training
     assert real_row["fd"] < 0.2 * model_row["fd"]  # real train vs held-out real is far closer than a 4-step model
     assert "real" in capsys.readouterr().out
+    # the floor is the run's training split (its first n) scored against the held-out split, not held-out vs itself
+    from cmgen.eval.cli import run_splits
+    from cmgen.eval.features import build_feature_net
+    from cmgen.eval.frechet import fd_between
+    from cmgen.eval.refstats import accumulate
+    from cmgen.eval.sources import dataset_source
+    from cmgen.runs import load_model
+
+    splits = run_splits(load_model(digits_run).recipe)
+    net = build_feature_net("digits", (1, 8, 8))
+    train, held = (accumulate(dataset_source(x, name, "image", 64), net) for x, name in
+                   ((splits["train"].x[:200], "train"), (splits["holdout"].x, "holdout")))
+    assert real_row["fd"] == pytest.approx(fd_between(train, held), rel=1e-6)
 
 
 def test_npz_from_cmgen_sample_gives_the_runs_number(digits_run, tmp_path):
@@ -129,6 +142,11 @@ def test_sweeps_with_other_samplers_or_guidance_get_their_own_files(tmp_path, ca
     assert names == ["sweep_FD-digits_cfg2_step2.json", "sweep_FD-digits_sde_step2.json", "sweep_FD-digits_step2.json"]
     sde = json.loads((out / "sweep_FD-digits_sde_step2.json").read_text())
     assert sde["protocol"]["sampler"] == "sde" and [r["nfe"] for r in sde["rows"]] == [1, 2, 0]  # + the real row
+    # guidance reaches the sampler: two network evaluations a step, and other samples than without it
+    plain, cfg = (json.loads((out / f"sweep_FD-digits{tag}_step2.json").read_text())["rows"] for tag in ("", "_cfg2"))
+    assert [r["nfe"] for r in cfg] == [2, 4, 0]
+    assert all(abs(a["fd"] - b["fd"]) > 1e-6 for a, b in zip(plain[:2], cfg[:2]))
+    assert plain[2]["fd"] == pytest.approx(cfg[2]["fd"])  # the real row does not sample
     assert "sampler sde" in capsys.readouterr().out
 
 
@@ -145,10 +163,11 @@ def test_points_run_reports_swd_and_mmd_against_fresh_true_samples(toy_run, tmp_
 
 def test_reward_with_a_base_reports_interval_and_shift(digits_run, tmp_path):
     out = tmp_path / "r"
-    assert cli(["eval", "reward", str(digits_run), "--reward", "jpeg-compressibility", "--n", "40",
+    assert cli(["eval", "reward", str(digits_run), "--reward", "jpeg-compressibility", "--n", "40", "--steps", "2",
                 "--base", str(digits_run), "--no-ema", "--out", str(out)] + FAST) == 0
     report = json.loads((out / "reward-jpeg-compressibility.json").read_text())
     tuned, base = report["rows"]
+    assert tuned["steps"] == base["steps"] == 2 and tuned["nfe"] == base["nfe"] == 2  # the base at the same steps
     assert tuned["ci95_low"] < tuned["mean"] < tuned["ci95_high"] and tuned["mean"] < 0  # -kB
     assert tuned["delta_vs_base"] == pytest.approx(0.0, abs=1e-12)  # the same model twice
     assert tuned["fd_to_base"] == pytest.approx(0.0, abs=1e-6) and tuned["fd_metric"] == "FD-digits"

@@ -288,6 +288,41 @@ def test_init_from_unet_folder_and_cached_hub_id(foreign, tmp_path, monkeypatch)
         load_init_weights(fresh, "openai/diffusers-ct_imagenet64")
 
 
+def test_init_from_reads_a_sharded_unet_folder(foreign, tmp_path):
+    from diffusers import UNet2DModel
+
+    from cmgen.generator import build_network
+    from cmgen.pretrained import load_init_weights
+    from cmgen.recipe import load_recipe
+
+    unet = UNet2DModel.from_pretrained(foreign / "unet")
+    unet.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="100KB")
+    shards = sorted((tmp_path / "sharded").glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    model = build_network(load_recipe("ict_digits", TINY), (1, 8, 8), 10)
+    load_init_weights(model, str(tmp_path / "sharded"))
+    own = model.backbone.unet.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in unet.state_dict().items())
+
+
+def test_a_pipeline_naming_a_network_class_outside_diffusers_and_cmgen_is_refused_unimported(foreign, tmp_path,
+                                                                                             capsys, monkeypatch):
+    import shutil
+
+    marker = tmp_path / "imported"
+    (tmp_path / "cmgen_probe_net.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Net: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    folder = tmp_path / "pipe"
+    shutil.copytree(foreign, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["unet"] = ["cmgen_probe_net", "Net"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    assert cli(["sample", str(folder), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "uses the network class cmgen_probe_net.Net, which cmgen cannot load" in err
+    assert not marker.exists()  # the module was never imported
+
+
 def test_init_from_errors_name_the_field_and_fix(foreign, tmp_path):
     from cmgen.pretrained import load_init_weights
     from cmgen.generator import build_network

@@ -158,6 +158,20 @@ def test_latent_ct_trains_on_a_cache_and_is_judged_on_decoded_images(latent_run,
     assert rows["real"]["fd"] < rows["1"]["fd"]   # an untrained latent model is far from the real digits
 
 
+def test_a_latent_runs_splits_pair_each_training_image_with_its_own_latent(latent_run):
+    """--ref holdout of a latent run: the images and the latents are split by the run's seed alike, so the
+    VAE-reconstruction floor decodes the latents of exactly the training images, in their order."""
+    from cmgen.eval.cli import latent_run_splits
+    from cmgen.runs import load_model
+
+    recipe = load_model(latent_run).recipe
+    splits = latent_run_splits(recipe)
+    train, held, vae = splits["train"], splits["holdout"], splits["vae"]
+    assert len(held) == 297 and len(train) == len(vae) == 1797 - 297
+    assert torch.equal(train.labels, vae.labels)  # a permutation of other images would mix the classes
+    assert not torch.equal(train.labels, torch.sort(train.labels).values)  # the split shuffles
+
+
 def test_vae_loss_is_mse_plus_weighted_closed_form_kl_per_pixel():
     from torch.distributions import Normal, kl_divergence
 

@@ -42,6 +42,26 @@ def test_sd_teacher_prompts_and_null_condition(tiny_sd, tmp_path):
     assert torch.isfinite(out["loss"])
 
 
+def test_a_v_prediction_teacher_is_read_as_v_prediction(tiny_sd, tmp_path):
+    """The same UNet weights saved with prediction_type v_prediction: the teacher's x_0 is a z - s v, not the
+    eps-prediction (z - s eps) / a of the stock pipeline."""
+    from cmgen.sd import load_sd_teacher, tiny_sd_pipeline
+
+    eps_teacher, _ = load_sd_teacher(tiny_sd)
+    v_teacher, _ = load_sd_teacher(tiny_sd_pipeline(tmp_path / "v_sd", prediction_type="v_prediction"))
+    g = torch.Generator().manual_seed(0)
+    z, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([999, 400])
+    cond = torch.randn(2, 77, 32, generator=g)
+    raw = eps_teacher(z, t, cond)
+    assert torch.equal(v_teacher(z, t, cond), raw)  # the same network
+    ab = eps_teacher.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x0_v, eps_v = v_teacher.x0_eps(z, t, cond)
+    assert torch.allclose(x0_v, ab.sqrt() * z - (1 - ab).sqrt() * raw, atol=1e-5)
+    assert torch.allclose(eps_v, ab.sqrt() * raw + (1 - ab).sqrt() * z, atol=1e-5)
+    x0_e, _ = eps_teacher.x0_eps(z, t, cond)
+    assert torch.allclose(x0_e, (z - (1 - ab).sqrt() * raw) / ab.sqrt(), atol=1e-4)
+
+
 @pytest.mark.parametrize("steps", [2, 4])
 def test_text_student_exports_as_the_stock_lcm_pipeline_with_equal_latents(tiny_sd, tmp_path, steps):
     from diffusers import LatentConsistencyModelPipeline

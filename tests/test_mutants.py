@@ -1,5 +1,7 @@
 """Formulas the mutation run (tools/mutate.py) found untested: each test fails on the planted bug named."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import TINY_UNET, random_image_folder, tiny_vae
@@ -704,3 +706,73 @@ def test_a_toy_reference_is_fresh_draws_not_the_training_points(toy):
     seen = {row.tobytes() for row in train.x.numpy()}
     assert not any(row.tobytes() in seen for row in ref.astype(np.float32))   # no training point among them
     assert abs(ref.std() - train.x.double().std().item()) < 0.05   # same distribution
+
+
+# ------------------------------------------------------------------ round 10: loading, the CLIs, evaluation tables
+
+def test_weights_of_another_shape_are_one_sentence_and_leave_the_model_as_it_was():  # mutant: shapes unchecked
+    from cmgen.errors import UserError
+    from cmgen.pretrained import load_weights
+
+    m = _lin(0.5)
+    with pytest.raises(UserError, match=r"'weight' has shape \(2, 3\), the recipe builds \(2, 2\)"):
+        load_weights(m, {"weight": torch.zeros(2, 3), "bias": torch.zeros(2)}, "w.safetensors")
+    assert torch.equal(m.weight, torch.full((2, 2), 0.5)) and torch.equal(m.bias, torch.full((2,), 0.5))
+
+
+def test_a_vae_folder_holding_another_network_is_refused_by_its_class(tmp_path):  # mutant: any class accepted
+    import json
+
+    from cmgen.errors import UserError
+    from cmgen.pretrained import load_vae
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    with pytest.raises(UserError, match="holds a UNet2DModel, not an AutoencoderKL"):
+        load_vae(str(tmp_path / "unet"))
+
+
+def test_collapsed_samples_have_high_precision_and_low_recall():  # mutant: precision and recall swapped
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from cmgen.eval.fid import MetricOptions, sample_metrics
+    from cmgen.eval.frechet import FeatureStats
+    from cmgen.eval.refstats import Reference
+
+    rng = np.random.default_rng(0)
+    real, fake = FeatureStats(), FeatureStats()
+    real.update(rng.normal(size=(400, 2)))
+    fake.update(0.1 * rng.normal(size=(400, 2)))  # every sample in the densest part of the data: mode collapse
+    row = sample_metrics(fake, Reference(real, {"name": "real"}), SimpleNamespace(kind="points"), MetricOptions())
+    assert row["precision"] > 0.9 and row["recall"] < 0.3, row
+
+
+def test_tables_of_a_checkpoint_go_to_its_runs_eval_folder(tmp_path):  # mutant: inside the checkpoint
+    from cmgen.eval.cli import default_out_dir
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text("{}")
+    assert default_out_dir(str(ckpt), "model") == tmp_path / "run" / "eval"
+    assert default_out_dir(str(tmp_path / "run"), "model") == tmp_path / "run" / "eval"
+    assert default_out_dir(str(tmp_path / "x.npz"), "samples") == Path("eval-x")
+
+
+def test_kid_is_reported_times_1e3():  # mutant: the x1e3 of the column header not applied
+    from cmgen.eval.fid import Table
+    from cmgen.eval.report import to_markdown
+
+    row = {"steps": 1, "nfe": 1, "fd": 1.0, "precision": 0.5, "recall": 0.5, "kid": 0.0123, "kid_std": 0.0004}
+    md = to_markdown(Table("FD-digits", {}, [row]))
+    assert md.splitlines()[0].endswith("| KID x1e3 |") and md.splitlines()[2].endswith("| 12.3 ± 0.4 |")
+
+
+def test_a_class_label_must_be_below_the_class_count(base_run, tmp_path, capsys):  # mutant: num_classes accepted
+    from cmgen.cli import main
+
+    argv = ["sample", str(base_run), "--n", "2", "--steps", "1", "--no-progress", "--threads", "1"]
+    assert main(argv + ["--class-label", "10", "--out", str(tmp_path / "a.png")]) == 2  # 10 is the null label
+    assert "--class-label must be in [0, 10), got 10" in capsys.readouterr().err
+    assert main(argv + ["--class-label", "9", "--out", str(tmp_path / "b.png")]) == 0

@@ -95,3 +95,21 @@ def test_base_recipes_merge_key_by_key_and_refuse_loops(tmp_path):
     b.write_text(f"base: {a}\n")
     with pytest.raises(UserError, match="its own base"):
         load_recipe(a)
+
+
+@pytest.mark.parametrize("recipe, override, words", [
+    ("ict_digits", "train.steps=true", ["'train.steps'", "integer", "True"]),           # a YAML bool is not an int
+    ("ict_digits", "optim.betas=[0.9]", ["'optim.betas'", "2 entries", "got 1"]),
+    ("ict_digits", "sample.sigmas=[0.5,80]", ["'sample.sigmas'", "decreasing"]),
+    ("ict_digits", "train.ema_decay=1.0", ["'train.ema_decay'", "[0, 1)"]),             # an EMA that never moves
+    ("ict_digits", "sample.gamma=1.5", ["'sample.gamma'", "[0, 1]"]),
+    ("ctm_digits", "method.gan_period=1", ["'method.gan_period'", "at least 2"]),       # the method's own check
+    ("lct_digits", "method.loss=l1", ["'method.loss'", "cauchy or pseudo_huber"]),
+])
+def test_recipe_values_outside_their_range_are_one_sentence_naming_the_key(recipe, override, words):
+    from cmgen.errors import UserError
+
+    with pytest.raises(UserError) as exc:
+        load_recipe(recipe, [override])
+    msg = str(exc.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
