@@ -42,7 +42,9 @@ def load_model(path, ema: bool = True, device="cpu") -> Generator:
     recipe = from_tree(read_yaml(ckpt / "recipe.yaml"))
     gen = Generator.build(recipe, tuple(state["data_shape"]), int(state["num_classes"]),
                           state.get("data_kind", "image"), step=state["step"], source=ckpt)
-    if recipe.model.init_from:  # frozen weights (a LoRA base) are not in checkpoints
+    # checkpoints hold the trainable weights only: frozen ones (a LoRA base) come from model.init_from, which a
+    # fully fine-tuned run no longer needs (its source may be gone)
+    if recipe.model.init_from and not all(p.requires_grad for p in gen.net.parameters()):
         from cmgen.pretrained import load_init_weights
         load_init_weights(gen.net, recipe.model.init_from)
     weights = load_tensors(ckpt / ("ema.safetensors" if ema else "model.safetensors"))

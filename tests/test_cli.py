@@ -72,6 +72,8 @@ BAD_INPUTS = [
      ["model.block_out_channels", "checkpoint"]),
     ("steps zero", lambda t, r: ["sample", r, "--steps", "0", "--out", t / "s.png"], ["--steps"]),
     ("bad sigmas", lambda t, r: ["sample", r, "--sigmas", "0.5,80", "--out", t / "s.png"], ["--sigmas", "decreasing"]),
+    ("guidance without a null label", lambda t, r: ["sample", r, "--cfg", "2", "--out", t / "s.png"],
+     ["--cfg 2 needs a class-conditional model trained with method.label_dropout > 0"]),
     ("steps and sigmas disagree", lambda t, r: ["sample", r, "--sigmas", "80,2,0.5", "--steps", "2", "--out",
                                                 t / "s.png"], ["--steps 2 disagrees with --sigmas (3 values)"]),
     ("unwritable sample output", lambda t, r: ["sample", r, "--out", "/proc/cmgen/s.png"], ["cannot be written"]),

@@ -249,6 +249,54 @@ def test_foreign_pipeline_samples_like_its_own_two_step_call(foreign, tmp_path):
         assert (ours - theirs).abs().max().item() < 1e-4
 
 
+def test_a_class_conditional_foreign_pipeline_samples_like_its_own_call_per_class(foreign, tmp_path):
+    from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline, UNet2DModel
+
+    from cmgen.runs import load_model
+
+    torch.manual_seed(2)
+    unet = UNet2DModel.from_config({**UNet2DModel.load_config(foreign / "unet"), "num_class_embeds": 10})
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    folder = tmp_path / "ct_cond"
+    ConsistencyModelPipeline(unet=unet, scheduler=CMStochasticIterativeScheduler(num_train_timesteps=40)) \
+        .save_pretrained(folder)
+    assert load_model(folder).num_classes == 10
+    pipe = ConsistencyModelPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    for label in (3, 7):
+        out = tmp_path / f"c{label}.npz"
+        assert cli(["sample", str(folder), "--steps", "1", "--n", "2", "--seed", "5", "--class-label", str(label),
+                    "--out", str(out), "--threads", "1", "--no-progress", "--device", "cpu"]) == 0
+        ours = torch.from_numpy(np.load(out)["samples"] / 2 + 0.5).clamp(0, 1)
+        theirs = pipe(batch_size=2, class_labels=[label, label], num_inference_steps=1, output_type="pt",
+                      generator=[torch.Generator().manual_seed(5 + j) for j in range(2)]).images
+        assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_a_fine_tuned_run_loads_after_its_init_from_source_is_gone(foreign, tmp_path):
+    """Every weight of a full fine-tune is trainable and in its checkpoints: sampling it needs no base."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from cmgen.recipe import load_recipe
+    from cmgen.runs import load_model
+    from cmgen.train import train
+
+    base = tmp_path / "base"
+    shutil.copytree(foreign, base)
+    run = train(load_recipe("ict_digits", TINY + ["train.steps=1", f"model.init_from={base}"]), tmp_path / "ft",
+                progress=False)
+    shutil.rmtree(base)
+    gen = load_model(run)
+    ema = load_file(str(sorted((run / "checkpoints").iterdir())[-1] / "ema.safetensors"))
+    assert all(torch.equal(v, ema[k]) for k, v in gen.net.state_dict().items())
+    recipe = load_recipe("ict_digits", TINY + ["train.steps=2", f"model.init_from={base}"])
+    assert load_model(train(recipe, run, resume="auto", progress=False)).step == 2  # and it resumes
+
+
 def test_init_from_local_pipeline_loads_unet_into_trainer(foreign, tmp_path):
     from safetensors.torch import load_file
 

@@ -380,6 +380,7 @@ def test_sample_guidance_is_the_w_embedding_of_cfg_minus_one(lcd_run):
         want = gen.codec.decode(lcm_multistep(gen.net, per_image_noise([7, 8], gen.shape), lcm_timesteps(2),
                                               gen.net.alphas_cumprod, w=w, class_labels=labels))
         assert torch.allclose(gen.sample(noise, gen.times(2), labels=labels, guidance=cfg), want, atol=1e-6)
+    assert gen.nfe(gen.times(2), guidance=3.0) == 2  # one evaluation a step: guidance is a network input
 
 
 def test_a_student_layout_other_than_the_teachers_is_one_sentence(cache, teacher, tmp_path):

@@ -100,10 +100,12 @@ TESTS = {
     "cmgen/vae_train.py": ["tests/test_latents.py", "tests/test_mutants.py"],
     "cmgen/methods/ldm.py": LCD,
     "cmgen/models/mlp.py": ["tests/test_formulas.py", "tests/test_edm_flow.py", *CTM],
-    "cmgen/generator.py": ["tests/test_edm_flow.py", "tests/test_protocol.py", *LCD],
+    "cmgen/generator.py": ["tests/test_edm_flow.py", "tests/test_protocol.py", "tests/test_cli.py", "tests/test_latents.py",
+                           "tests/test_eval_cli.py", *LCD],
     "cmgen/checkpoint.py": CKPT,
     "cmgen/state.py": CKPT,
-    "cmgen/runs.py": ["tests/test_export.py", "tests/test_cli.py", "tests/test_train.py", "tests/test_mutants.py"],
+    "cmgen/runs.py": ["tests/test_export.py", "tests/test_export_diffusion.py", "tests/test_cli.py", "tests/test_train.py",
+                      "tests/test_awm_lora.py", "tests/test_lcd.py", "tests/test_mutants.py"],
     "cmgen/export.py": EXPORT,
     "cmgen/export_lcm.py": ["tests/test_lcd.py", "tests/test_lcd_sd.py", "tests/test_mutants.py"],
     "cmgen/pipelines_lcm.py": ["tests/test_lcd.py", "tests/test_lcd_sd.py", "tests/test_mutants.py"],
@@ -481,6 +483,15 @@ MUTANTS = [
     M("wandb: online without credentials", "cmgen/trackers.py", "mode = \"online\" if has_key else \"offline\"", "mode = \"online\""),
     M("methods: a shipped method saved by module path", "cmgen/methods/__init__.py", "        if module == path:\n            return name", "        if False:\n            return name"),
     M("report: KID shown without the x1e3", "eval/report.py", "f\"{1e3 * r['kid']:.3g}", "f\"{r['kid']:.3g}"),
+    # round 11: the Generator and run loading
+    M("nfe: LCM's embedded guidance counted twice", "cmgen/generator.py", "doubled = guidance != 1.0 and not getattr(self.net, \"embeds_guidance\", False)", "doubled = guidance != 1.0"),
+    M("clip: latent estimates clamped", "cmgen/generator.py", "self.recipe.sample.clip_denoised and self.kind == \"image\")", "self.recipe.sample.clip_denoised and self.kind != \"points\")"),
+    M("cfg: accepted without a null label", "cmgen/generator.py", "if guidance != 1.0 and self.null_label is None:", "if False:"),
+    M("build_network: no embedding for the null label", "cmgen/generator.py", "embeds = num_classes + (1 if null_label(recipe, num_classes) is not None else 0)", "embeds = num_classes"),
+    M("generator: latents returned undecoded", "cmgen/generator.py", "return self.codec.decode(z.float())", "return z.float()"),
+    M("run loading: a fine-tuned run needs its init_from source", "cmgen/runs.py", "if recipe.model.init_from and not all(p.requires_grad for p in gen.net.parameters()):", "if recipe.model.init_from:"),
+    M("pipeline: the scheduler's constants over the run's recipe", "cmgen/runs.py", "        precond = recipe.precond\n", "        pass\n"),
+    M("foreign pipeline: class count of the UNet ignored", "cmgen/runs.py", "int(info.get(\"num_classes\", cfg.num_class_embeds or 0))", "int(info.get(\"num_classes\", 0))"),
 ]
 
 # mutants that change no observable behaviour, with the reason (checked by hand)
