@@ -31,11 +31,11 @@ def train_tiny(out: Path, *overrides: str) -> Path:
     return train(load_recipe("ict_digits", TINY + list(overrides)), out_dir=out, progress=False)
 
 
-def cmgen_samples(target, steps: int, n: int, seed: int, tmp: Path) -> np.ndarray:
-    """`cmgen sample` output (float samples in [-1, 1])."""
+def cmgen_samples(target, steps: int, n: int, seed: int, tmp: Path, *extra: str) -> np.ndarray:
+    """`cmgen sample` output (float samples in [-1, 1]); `extra` are more flags (e.g. --class-label 3)."""
     out = tmp / f"cmgen-{Path(target).name}-{steps}-{seed}.npz"
     assert cli(["sample", str(target), "--steps", str(steps), "--n", str(n), "--seed", str(seed),
-                "--out", str(out), "--threads", "1", "--no-progress", "--device", "cpu"]) == 0
+                "--out", str(out), "--threads", "1", "--no-progress", "--device", "cpu", *extra]) == 0
     return np.load(out)["samples"]
 
 
@@ -215,17 +215,21 @@ def test_eval_fid_accepts_a_pipeline_folder(exported, tmp_path):
 @pytest.fixture(scope="module")
 def foreign(tmp_path_factory):
     """A stock pipeline saved by diffusers itself (no cmgen files), shaped like the tiny recipe's UNet."""
-    from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline
-
     from cmgen.generator import build_network
     from cmgen.recipe import load_recipe
 
     torch.manual_seed(1)
     unet = build_network(load_recipe("ict_digits", TINY), (1, 8, 8), 10).backbone.unet
+    return stock_pipeline(unet, tmp_path_factory.mktemp("foreign") / "ct_tiny")
+
+
+def stock_pipeline(unet, folder: Path) -> Path:
+    """`unet` with every weight perturbed, saved by diffusers as a ConsistencyModelPipeline (40-step grid)."""
+    from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline
+
     with torch.no_grad():
         for p in unet.parameters():
             p.add_(0.05 * torch.randn_like(p))  # not the zero-initialised output conv: images depend on weights
-    folder = tmp_path_factory.mktemp("foreign") / "ct_tiny"
     ConsistencyModelPipeline(unet=unet, scheduler=CMStochasticIterativeScheduler(num_train_timesteps=40)) \
         .save_pretrained(folder)
     return folder
@@ -250,26 +254,19 @@ def test_foreign_pipeline_samples_like_its_own_two_step_call(foreign, tmp_path):
 
 
 def test_a_class_conditional_foreign_pipeline_samples_like_its_own_call_per_class(foreign, tmp_path):
-    from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline, UNet2DModel
+    from diffusers import ConsistencyModelPipeline, UNet2DModel
 
     from cmgen.runs import load_model
 
     torch.manual_seed(2)
     unet = UNet2DModel.from_config({**UNet2DModel.load_config(foreign / "unet"), "num_class_embeds": 10})
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    folder = tmp_path / "ct_cond"
-    ConsistencyModelPipeline(unet=unet, scheduler=CMStochasticIterativeScheduler(num_train_timesteps=40)) \
-        .save_pretrained(folder)
+    folder = stock_pipeline(unet, tmp_path / "ct_cond")
     assert load_model(folder).num_classes == 10
     pipe = ConsistencyModelPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     for label in (3, 7):
-        out = tmp_path / f"c{label}.npz"
-        assert cli(["sample", str(folder), "--steps", "1", "--n", "2", "--seed", "5", "--class-label", str(label),
-                    "--out", str(out), "--threads", "1", "--no-progress", "--device", "cpu"]) == 0
-        ours = torch.from_numpy(np.load(out)["samples"] / 2 + 0.5).clamp(0, 1)
+        ours = torch.from_numpy(cmgen_samples(folder, 1, 2, 5, tmp_path, "--class-label", str(label)) / 2 + 0.5)
+        ours = ours.clamp(0, 1)
         theirs = pipe(batch_size=2, class_labels=[label, label], num_inference_steps=1, output_type="pt",
                       generator=[torch.Generator().manual_seed(5 + j) for j in range(2)]).images
         assert (ours - theirs).abs().max().item() < 1e-4
@@ -282,7 +279,7 @@ def test_a_fine_tuned_run_loads_after_its_init_from_source_is_gone(foreign, tmp_
     from safetensors.torch import load_file
 
     from cmgen.recipe import load_recipe
-    from cmgen.runs import load_model
+    from cmgen.runs import load_model, resolve_checkpoint
     from cmgen.train import train
 
     base = tmp_path / "base"
@@ -291,7 +288,7 @@ def test_a_fine_tuned_run_loads_after_its_init_from_source_is_gone(foreign, tmp_
                 progress=False)
     shutil.rmtree(base)
     gen = load_model(run)
-    ema = load_file(str(sorted((run / "checkpoints").iterdir())[-1] / "ema.safetensors"))
+    ema = load_file(str(resolve_checkpoint(run) / "ema.safetensors"))
     assert all(torch.equal(v, ema[k]) for k, v in gen.net.state_dict().items())
     recipe = load_recipe("ict_digits", TINY + ["train.steps=2", f"model.init_from={base}"])
     assert load_model(train(recipe, run, resume="auto", progress=False)).step == 2  # and it resumes
