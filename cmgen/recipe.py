@@ -139,6 +139,10 @@ def _show(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+# string keys whose words YAML 1.1 reads as booleans: (what true means, what false means)
+BOOL_WORDS = {"data.cache": ("auto", "off")}
+
+
 def _coerce(value, tp, key: str):
     """Check `value` against the annotation `tp`; ints are accepted where floats are."""
     origin = typing.get_origin(tp)
@@ -181,7 +185,9 @@ def _coerce(value, tp, key: str):
             raise UserError(f"recipe key '{key}' must be true or false, got {_show(value)}")
         return value
     if tp is str:
-        if value is False:  # YAML 1.1 reads a bare `no` (mixed_precision: no, log_with: no) as false
+        if isinstance(value, bool) and key in BOOL_WORDS:  # YAML 1.1 reads on/off and yes/no as booleans
+            value = BOOL_WORDS[key][0 if value else 1]
+        elif value is False:  # a bare `no` (mixed_precision: no, log_with: no)
             value = "no"
         if not isinstance(value, str):
             raise UserError(f"recipe key '{key}' must be a string, got {_show(value)}")

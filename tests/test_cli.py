@@ -3,6 +3,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from cmgen.cli import main
@@ -88,6 +89,20 @@ BAD_INPUTS = [
     ("bad eval.features in a recipe", lambda t, r: ["train", "ict_digits", "eval.every=5", "eval.features=fid",
                                                     "--out", t / "o"], ["eval.features"]),
     ("existing run without --resume", lambda t, r: ["train", "ict_digits", "--out", r], ["--resume auto"]),
+    ("not a device", lambda t, r: ["sample", r, "--device", "gpu0", "--out", t / "s.png"],
+     ["--device 'gpu0' is not a device; use cpu, cuda or cuda:N"]),
+    ("sample output suffix", lambda t, r: ["sample", r, "--out", t / "s.jpg"], ["--out must end in .png or .npz"]),
+    ("gamma on a consistency model", lambda t, r: ["sample", r, "--gamma", "0.5", "--out", t / "s.png"],
+     ["--gamma applies to CTM's gamma sampler; this is a cm model"]),
+    ("class label on an unconditional model", lambda t, r: ["sample", r, "--class-label", "3", "--out", t / "s.png"],
+     ["--class-label was given but the model is not class-conditional"]),
+    ("eval steps not numbers", lambda t, r: ["eval", "sweep", r, "--steps", "1,x", "--n", "2"],
+     ["--steps must be comma-separated step counts like 1,2, got '1,x'"]),
+    ("eval batch size zero", lambda t, r: ["eval", "fid", r, "--batch-size", "0", "--n", "2"],
+     ["--batch-size must be at least 1"]),
+    ("eval negative keep", lambda t, r: ["eval", "fid", r, "--keep", "-1", "--n", "2"], ["--keep must be >= 0"]),
+    ("eval source missing", lambda t, r: ["eval", "fid", t / "nothing", "--n", "2"],
+     ["does not exist; pass a run, checkpoint or pipeline folder"]),
 ]
 
 
@@ -100,6 +115,13 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, tiny_run, capsys, case,
     assert len(msg) == 1 and "Traceback" not in err, err
     for w in words:
         assert w in msg[0], (w, msg[0])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_device_cuda_without_a_cuda_device_is_one_sentence(tmp_path, tiny_run, capsys):
+    code, _, err = run_cli(capsys, "sample", tiny_run, "--device", "cuda", "--out", tmp_path / "s.png")
+    assert code == 2 and "--device cuda was asked for but no CUDA device is available; use --device cpu" in err
+    assert not (tmp_path / "s.png").exists()
 
 
 def test_debug_flag_shows_the_traceback(tmp_path, capsys):

@@ -73,3 +73,75 @@ def test_hflip_flips_about_half_the_batch(tmp_path):
     same = (x == orig).flatten(1).all(1)
     assert (flipped | same).all()
     assert 0.3 < flipped.float().mean().item() < 0.7
+
+
+def _solid_images(folder, colours):
+    folder.mkdir()
+    for i, c in enumerate(colours):
+        Image.fromarray(np.full((6, 6, 3), c, np.uint8)).save(folder / f"{i}.png")
+
+
+def test_image_rows_read_any_index_order_from_ram_and_from_a_memory_map(tmp_path):
+    colours = [(10 * i, 200 - 10 * i, 7 * i) for i in range(6)]
+    _solid_images(tmp_path / "imgs", colours)
+    want = torch.tensor(colours, dtype=torch.uint8)[:, :, None, None].expand(-1, -1, 6, 6)
+    ram = image_folder(str(tmp_path / "imgs"), None)
+    mapped = image_folder(str(tmp_path / "imgs"), None, cache=str(tmp_path / "cache"))
+    idx = torch.tensor([4, 0, 5, 0, 2])                   # unsorted, with a repeat: a training draw
+    for d in (ram, mapped):
+        assert torch.equal(d.uint8(idx), want[idx])
+        assert torch.equal(d.batch(idx), want[idx].float() / 127.5 - 1)
+        assert torch.equal(d.uint8(torch.tensor([1, 3])), want[[1, 3]])   # sorted: one read
+        part = d.take(torch.tensor([5, 1, 3]))                            # a split keeps its own row order
+        assert torch.equal(part.uint8(torch.tensor([2, 0])), want[[3, 5]])
+
+
+def test_image_folder_crops_the_centre_before_resizing(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    a = np.zeros((20, 30, 3), np.uint8)
+    a[:, :5], a[:, 5:25], a[:, 25:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)   # red | green | blue strips
+    Image.fromarray(a).save(tmp_path / "imgs" / "wide.png")
+    d = image_folder(str(tmp_path / "imgs"), 10)
+    assert d.shape == (3, 10, 10)
+    assert torch.equal(d.uint8(torch.tensor([0]))[0], torch.tensor([0, 255, 0], dtype=torch.uint8)[:, None, None]
+                       .expand(3, 10, 10))
+
+
+def fake_cifar10(root, per_batch=4, seed=0):
+    """CIFAR-10's python layout (cifar-10-batches-py/data_batch_1..5, test_batch, batches.meta) with random
+    images; torchvision's md5 check is the caller's to lift. Returns (images NCHW uint8, labels)."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    images, labels = [], []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (per_batch, 3 * 32 * 32), dtype=np.uint8)
+        y = rng.integers(0, 10, per_batch).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, "labels": y}, f)
+        if name != "test_batch":
+            images.append(data.reshape(-1, 3, 32, 32))
+            labels += y
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    return np.concatenate(images), labels
+
+
+@pytest.fixture
+def lift_cifar_md5(monkeypatch):
+    import torchvision
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+
+
+def test_cifar10_reads_the_training_batches_in_ram_and_memory_mapped(tmp_path, lift_cifar_md5):
+    images, labels = fake_cifar10(tmp_path / "c10")
+    for cache in (None, str(tmp_path / "cache")):
+        d = cifar10(str(tmp_path / "c10"), cache=cache)
+        assert d.shape == (3, 32, 32) and len(d) == 20 and d.num_classes == 10
+        assert np.array_equal(d.uint8(torch.arange(20)).numpy(), images) and d.labels.tolist() == labels
+    r = load_recipe("ict_cifar10", [f"data.path={tmp_path / 'c10'}", "data.holdout=0"])
+    assert len(load_dataset(r.data)[0]) == 20

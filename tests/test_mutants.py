@@ -121,9 +121,9 @@ def test_ctm_pseudo_huber_distance_defaults_to_icts_c_for_the_sample_size():  # 
 
     a, b = torch.zeros(2, 1, 8, 8), torch.full((2, 1, 8, 8), 0.01)
     c = 0.00054 * 8                                   # 0.00054 sqrt(d), d = 64
-    got = distance_fn(Config(distance="pseudo_huber"), 64, "cpu")(a, b)
+    got = distance_fn(Config(distance="pseudo_huber"), (1, 8, 8), "cpu")(a, b)
     assert torch.allclose(got, torch.full((2,), (64e-4 + c * c) ** 0.5 - c), rtol=1e-5)
-    assert torch.allclose(distance_fn(Config(distance="pseudo_huber", huber_c=0.1), 64, "cpu")(a, b),
+    assert torch.allclose(distance_fn(Config(distance="pseudo_huber", huber_c=0.1), (1, 8, 8), "cpu")(a, b),
                           torch.full((2,), (64e-4 + 0.01) ** 0.5 - 0.1), rtol=1e-5)
 
 

@@ -23,6 +23,14 @@ def test_a_bare_no_is_the_string_no_not_false():
         load_recipe("ict_digits", ["train.mixed_precision=yes"])
 
 
+
+def test_a_bare_off_or_on_for_the_image_cache_means_off_or_auto_not_a_folder():
+    # YAML 1.1 reads `off`/`no` as false and `on`/`yes` as true; data.cache names a folder otherwise
+    for word, want in [("off", "off"), ("no", "off"), ("on", "auto"), ("auto", "auto"), ("cache_dir", "cache_dir")]:
+        assert load_recipe("ict_digits", [f"data.cache={word}"]).data.cache == want
+    assert from_tree(yaml.safe_load("method: ict\ndata: {cache: off}\n")).data.cache == "off"
+
+
 def test_paper_settings_of_the_gpu_recipes():
     c10 = load_recipe("ict_cifar10")
     assert (c10.train.batch_size, c10.train.steps, c10.optim.lr, c10.optim.name) == (1024, 400_000, 1e-4, "radam")

@@ -120,6 +120,62 @@ def test_incomplete_checkpoint_folders_are_ignored(tmp_path):
     assert resolve_checkpoint(run).name == "step-00000002"
 
 
+def test_resaving_a_step_replaces_it_whole_and_other_processes_leftovers_are_pruned(tmp_path):
+    from cmgen import checkpoint as ck
+
+    run = tmp_path / "run"
+    ck.save_checkpoint(run, 2, {"model": {"w": torch.zeros(2)}}, {"step": 2}, "name: a\n", {"old.txt": "x"})
+    stale = run / "checkpoints" / ".tmp-step-00000003-999999999"   # a dead process's half-written save
+    own = run / "checkpoints" / f".tmp-step-00000005-{os.getpid()}"  # this process's save in progress
+    stale.mkdir()
+    own.mkdir()
+    path = ck.save_checkpoint(run, 2, {"model": {"w": torch.ones(2)}}, {"step": 2, "v": 2}, "name: a\n")
+    assert torch.equal(ck.load_tensors(path / "model.safetensors")["w"], torch.ones(2))
+    assert ck.read_state(path)["v"] == 2 and not (path / "old.txt").exists()   # replaced, not merged
+    assert [p.name for p in ck.list_checkpoints(run)] == ["step-00000002"]
+    assert not any(p.name.startswith(".old-step") for p in (run / "checkpoints").iterdir())
+    ck.prune_checkpoints(run, keep_last=3)
+    assert not stale.exists() and own.exists()
+
+
+def test_a_checkpoint_without_or_with_a_corrupt_state_is_one_sentence(tmp_path):
+    from cmgen import checkpoint as ck
+
+    with pytest.raises(UserError, match="is not a cmgen checkpoint \\(no state.json\\)"):
+        ck.read_state(tmp_path)
+    (tmp_path / "state.json").write_text('{"step": 2')
+    with pytest.raises(UserError, match="has a corrupt state.json; resume from an older checkpoint"):
+        ck.read_state(tmp_path)
+    with pytest.raises(UserError, match="model.safetensors' is missing; the checkpoint is incomplete"):
+        ck.load_tensors(tmp_path / "model.safetensors")
+
+
+def test_resuming_on_images_of_another_size_is_one_sentence(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from cmgen import checkpoint as ck
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+
+    def fill(side):
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+    fill(8)
+    recipe = load_recipe("ict_digits", TINY + ["data.name=folder", f"data.path={folder}", "data.holdout=0",
+                                               "data.cache=off", "train.steps=2", "train.checkpoint_every=1",
+                                               "train.sample_every=0"])
+    run = tmp_path / "run"
+    train(recipe, run, progress=False, stop_after=1)
+    fill(16)
+    with pytest.raises(UserError, match=r"was trained on data of shape \[3, 8, 8\], the recipe's data have \[3, 16, 16\]"):
+        train(recipe, run, resume="auto", progress=False)
+    assert [p.name for p in ck.list_checkpoints(run)] == ["step-00000001"]
+
+
 # ------------------------------------------------------------------------------ 3. safe loading
 
 class _Exploit:

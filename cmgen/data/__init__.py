@@ -302,13 +302,19 @@ def cifar10(root: Optional[str], cache: Optional[str] = None) -> Dataset:
     if not files:
         load()  # the one-sentence error
 
+    loaded = []  # read once when the cache is built: its size, then its images
+
+    def get():
+        if not loaded:
+            loaded.append(load())
+        return loaded[0]
+
     def fill(out: np.ndarray, workers: int) -> np.ndarray:
-        ds = load()
-        out[:] = ds.data.transpose(0, 3, 1, 2)
-        return np.asarray(ds.targets)
+        out[:] = get().data.transpose(0, 3, 1, 2)
+        return np.asarray(get().targets)
 
     images, labels, folder = cached_images(batches, files, {"kind": "cifar10-train"}, (3, 32, 32), fill,
-                                           setting=cache)
+                                           setting=cache, count=lambda: len(get().data))
     return ImageRows(images, torch.from_numpy(labels), 10, "cifar10", cache=folder)
 
 

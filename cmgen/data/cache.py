@@ -57,11 +57,13 @@ def main_process_first() -> Iterator[bool]:
 
 
 def cached_images(source: Path, files: Sequence[Path], spec: dict, shape: tuple[int, int, int],
-                  fill: Callable[[np.ndarray, int], Optional[np.ndarray]], setting: str = "auto", workers: int = 0):
+                  fill: Callable[[np.ndarray, int], Optional[np.ndarray]], setting: str = "auto", workers: int = 0,
+                  count: Optional[Callable[[], int]] = None):
     """(images uint8 memmap [N, C, H, W], labels int64 array or None, cache folder).
 
     `spec` names what is cached (source kind, resolution); `fill(out, workers)` writes every image into
-    `out` and returns the labels (or None)."""
+    `out` and returns the labels (or None). N is one image per file, or `count()` when files hold several
+    (CIFAR-10's batches); it is asked only when the cache is built."""
     source = Path(source).resolve()
     key = hashlib.blake2b(json.dumps([VERSION, str(source), spec], sort_keys=True).encode(),
                           digest_size=8).hexdigest()
@@ -69,15 +71,16 @@ def cached_images(source: Path, files: Sequence[Path], spec: dict, shape: tuple[
     fp = fingerprint(files, source)
     with main_process_first() as builder:
         if builder and not (folder / "meta.json").is_file():
-            _build(folder, source, files, spec, shape, fp, lambda out: fill(out, workers))
+            rows = count() if count is not None else len(files)
+            _build(folder, source, files, spec, (rows, *shape), fp, lambda out: fill(out, workers))
     if not (folder / "meta.json").is_file():
         raise UserError(f"the image cache '{folder}' was not built (the main process failed: see its error); "
                         "fix that error and start the run again")
     meta = json.loads((folder / "meta.json").read_text())
     if meta["fingerprint"] != fp:
         raise UserError(f"the images under '{source}' changed since their cache '{folder}' was built "
-                        f"({len(files)} files now, {meta['n']} then, or files modified); delete '{folder}' to "
-                        "rebuild it")
+                        f"({len(files)} files now, {meta.get('files', meta['n'])} then, or files modified); "
+                        f"delete '{folder}' to rebuild it")
     images = np.load(folder / "images.npy", mmap_mode="r")
     labels = np.load(folder / "labels.npy") if (folder / "labels.npy").is_file() else None
     return images, labels, folder
@@ -89,14 +92,14 @@ def _build(folder: Path, source: Path, files, spec, shape, fp, fill) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        out = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(files), *shape))
+        out = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=shape)
         labels = fill(out)
         out.flush()
         del out
         if labels is not None:
             np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
-        meta = {"version": VERSION, "source": str(source), "n": len(files), "shape": list(shape),
-                "fingerprint": fp} | spec
+        meta = {"version": VERSION, "source": str(source), "n": shape[0], "files": len(files),
+                "shape": list(shape[1:]), "fingerprint": fp} | spec
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             os.rename(tmp, folder)  # atomic: the cache appears whole or not at all

@@ -47,7 +47,8 @@ class Config:
     max_k: int = 17                 # K, most teacher Heun steps per estimate (CIFAR 17, ImageNet 39 / 20)
     distance: str = "lpips"         # lpips (the paper's; needs method.lpips_weights) | l2 | pseudo_huber
     huber_c: Optional[float] = None  # pseudo_huber c; null = 0.00054 sqrt(d)
-    lpips_weights: Optional[str] = None  # a folder with the lpips package's weights (offline)
+    lpips_weights: Optional[str] = None  # folder: torchvision's vgg16-397923af.pth (+ lpips' vgg.pth), cmgen.perceptual
+    lpips_pooling: str = "avg"      # avg: the reference code's LPIPS (piq, replace_pooling=True) | max: original VGG
     target_decay: float = 0.999     # mu of the EMA target theta⁻ the outer jumps use
     dsm_weight: float = 1.0         # multiplier of the DSM term on top of its adaptive weight; 0 = off
     adaptive_dsm: bool = True       # lambda_DSM from gradient norms at the output layer (else 1)
@@ -71,6 +72,8 @@ class Config:
             yield f"recipe key 'method.max_k' must be in [1, method.grid - 1 = {self.grid - 1}], got {self.max_k}"
         if self.distance not in DISTANCES:
             yield f"recipe key 'method.distance' must be one of {', '.join(DISTANCES)}, got '{self.distance}'"
+        if self.lpips_pooling not in ("avg", "max"):
+            yield f"recipe key 'method.lpips_pooling' must be avg or max, got '{self.lpips_pooling}'"
         if not 0 <= self.target_decay < 1:
             yield f"recipe key 'method.target_decay' must be in [0, 1), got {self.target_decay}"
         if self.dsm_weight < 0 or self.gan_weight < 0:
@@ -127,43 +130,22 @@ def output_layer(net: torch.nn.Module, x: torch.Tensor, *args) -> torch.nn.Param
     return order[-1].weight
 
 
-def distance_fn(cfg: Config, dim: int, device):
+def distance_fn(cfg: Config, shape: tuple[int, ...], device):
     """Per-sample distance, shape [B]: l2 = mean squared error over a sample's elements; pseudo_huber =
-    sqrt(||a - b||^2 + c^2) - c (iCT's); lpips = LPIPS(VGG) on images upsampled to 224 (the paper's)."""
+    sqrt(||a - b||^2 + c^2) - c (iCT's); lpips = LPIPS(VGG16) on images resized to 224 (the paper's;
+    cmgen.perceptual)."""
+    dim = math.prod(shape)
     if cfg.distance == "l2":
         return lambda a, b: (a.float() - b.float()).flatten(1).pow(2).mean(1)
     if cfg.distance == "pseudo_huber":
         c = cfg.huber_c if cfg.huber_c is not None else ict_huber_c(dim)
         return lambda a, b: pseudo_huber(a, b, c)
-    return lpips_distance(cfg.lpips_weights, device)
+    from cmgen.perceptual import load_lpips, lpips_224
 
-
-def lpips_distance(weights: Optional[str], device):
-    fix = "or set method.distance=pseudo_huber (or l2)"
-    if not weights or not Path(weights).is_dir():
-        raise UserError(f"method.distance=lpips needs LPIPS weights offline: set method.lpips_weights to a folder "
-                        f"holding the lpips package's vgg.pth and torchvision's vgg16 weights, {fix}")
-    try:
-        import lpips  # noqa: F401
-    except ImportError:
-        raise UserError(f"method.distance=lpips needs the lpips package (pip install lpips), {fix}") from None
-    import os
-
-    os.environ.setdefault("TORCH_HOME", str(weights))
-    try:
-        net = lpips.LPIPS(net="vgg", model_path=str(Path(weights) / "vgg.pth"), verbose=False).to(device).eval()
-    except Exception as exc:  # missing backbone weights offline
-        raise UserError(f"method.lpips_weights '{weights}' does not hold usable LPIPS weights ({exc}); {fix}") from None
-    net.requires_grad_(False)
-
-    def dist(a, b):
-        if next(net.parameters()).device != a.device:
-            net.to(a.device)
-        up = lambda v: torch.nn.functional.interpolate(  # noqa: E731
-            v.float().expand(-1, 3, -1, -1) if v.shape[1] == 1 else v.float(), size=224, mode="bilinear")
-        return net(up(a), up(b), normalize=False).flatten()
-
-    return dist
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise UserError(f"method.distance=lpips compares images (1 or 3 channels), the data have shape {list(shape)}; "
+                        "set method.distance=pseudo_huber (or l2)")
+    return lpips_224(load_lpips(cfg.lpips_weights, cfg.lpips_pooling).to(device))
 
 
 # ----------------------------------------------------------------------------- teacher
@@ -227,7 +209,7 @@ class Method(BaseMethod):
         self.teacher = load_teacher(cfg, recipe, gen)
         init_from_teacher(gen.net, self.teacher, str(cfg.teacher))
         self.times = karras_sigmas(cfg.grid, p.sigma_min, p.sigma_max, p.rho).flip(0)   # t_0 = sigma_max
-        self.distance = distance_fn(cfg, math.prod(gen.shape), "cpu")   # LPIPS follows the inputs' device
+        self.distance = distance_fn(cfg, tuple(gen.shape), "cpu")   # LPIPS follows the inputs' device
         x = torch.zeros(1, *gen.shape)
         labels = torch.zeros(1, dtype=torch.long) if gen.conditional else None
         self.layer = output_layer(gen.net, x, torch.ones(1), torch.ones(1), labels)

@@ -11,6 +11,7 @@ for real and fake.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -122,7 +123,8 @@ class OwnFeatures(nn.Module):
 
 
 class DigitsFeatures(nn.Module):
-    """cmgen's digits classifier, frozen: its two conv activations."""
+    """cmgen's digits classifier (the file `weights`, else the cached one FD-digits uses), frozen: its two
+    conv activations. The trunk is a copy: moving or training the discriminator leaves the FD-digits net as it is."""
 
     def __init__(self, weights):
         super().__init__()
@@ -132,10 +134,15 @@ class DigitsFeatures(nn.Module):
         if weights:
             from cmgen.checkpoint import load_tensors
 
-            net.load_state_dict(load_tensors(Path(weights)))
+            try:
+                net.load_state_dict(load_tensors(Path(weights)))
+            except RuntimeError as exc:
+                raise UserError(f"method.disc_weights '{weights}' is not a cmgen digits classifier "
+                                f"({str(exc).splitlines()[1].strip()[:80]}); give a DigitsNet file or leave it null "
+                                "for the cached one") from None
         else:
-            net = dn.digits_net().cpu()
-        self.trunk = net.trunk.requires_grad_(False)
+            net = dn.digits_net()
+        self.trunk = copy.deepcopy(net.trunk).cpu().requires_grad_(False)
 
     def forward(self, x):
         a = self.trunk[1](self.trunk[0](x))
@@ -143,17 +150,51 @@ class DigitsFeatures(nn.Module):
 
 
 class TimmFeatures(nn.Module):
+    """A frozen timm backbone's feature maps (features_only), read from the weights file `weights`. As in
+    Projected GAN / StyleGAN-XL: images in [-1, 1] go to [0, 1], are standardised with the backbone's own
+    mean and std, and are resized (bilinear) to 224 x 224; grey images are repeated to RGB."""
+
     def __init__(self, name: str, weights: str):
         import timm
 
         super().__init__()
+
+        def refuse(why: str):
+            return UserError(f"method.disc_features=timm:{name} could not be built from method.disc_weights "
+                             f"'{weights}' ({why[:100]}); give the weights file of that timm model, or use "
+                             "method.disc_features=own")
+
+        try:
+            full = timm.create_model(name, pretrained=False)
+        except Exception as exc:  # an unknown name
+            raise refuse(str(exc).splitlines()[0]) from None
+        try:  # the whole network, strictly: timm's features_only loading skips keys it does not find
+            if str(weights).endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                state = load_file(str(weights))
+            else:
+                state = torch.load(weights, map_location="cpu", weights_only=True)
+            full.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        except Exception as exc:  # another network's file, a truncated file, a pickle of objects
+            raise refuse(" ".join(str(exc).split())) from None
         self.net = timm.create_model(name, pretrained=True, features_only=True,
-                                     pretrained_cfg_overlay=dict(file=str(weights))).requires_grad_(False)
+                                     pretrained_cfg_overlay=dict(state_dict=full.state_dict()))
+        self.net.requires_grad_(False).eval()
         self.channels = list(self.net.feature_info.channels())
+        cfg = self.net.pretrained_cfg
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
+
+    def train(self, mode: bool = True):  # frozen: batch norms keep their statistics in the discriminator's steps
+        super().train(mode)
+        self.net.eval()
+        return self
 
     def forward(self, x):
-        x = F.interpolate(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x, size=224, mode="bilinear")
-        return self.net(x)
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        x = ((x + 1) / 2 - self.mean) / self.std
+        return self.net(F.interpolate(x, size=224, mode="bilinear", align_corners=False))
 
 
 def build_discriminator(cfg, shape) -> Discriminator:
@@ -174,7 +215,7 @@ def build_discriminator(cfg, shape) -> Discriminator:
         try:
             import timm  # noqa: F401
         except ImportError:
-            raise UserError(f"method.disc_features={kind} needs the timm package (pip install timm), or use "
+            raise UserError(f"method.disc_features={kind} needs the timm package (pip install 'cmgen[ctm]'), or use "
                             "method.disc_features=own") from None
         feats = TimmFeatures(kind[5:], cfg.disc_weights)
         return Discriminator(feats, feats.channels, w)
