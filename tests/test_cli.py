@@ -103,6 +103,16 @@ BAD_INPUTS = [
     ("eval negative keep", lambda t, r: ["eval", "fid", r, "--keep", "-1", "--n", "2"], ["--keep must be >= 0"]),
     ("eval source missing", lambda t, r: ["eval", "fid", t / "nothing", "--n", "2"],
      ["does not exist; pass a run, checkpoint or pipeline folder"]),
+    ("sample count zero", lambda t, r: ["sample", r, "--n", "0", "--out", t / "s.png"], ["--n must be at least 1"]),
+    ("sigmas not numbers", lambda t, r: ["sample", r, "--sigmas", "80,x", "--out", t / "s.png"],
+     ["--sigmas must be comma-separated numbers like 80,0.821, got '80,x'"]),
+    ("vae channels not numbers", lambda t, r: ["latents", "train-vae", "digits", "--out", t / "v", "--channels", "32,x"],
+     ["--channels must be comma-separated integers like 32,64, got '32,x'"]),
+    ("vae steps zero", lambda t, r: ["latents", "train-vae", "digits", "--out", t / "v", "--steps", "0"],
+     ["--steps and --batch-size must be at least 1"]),
+    ("latents of a missing folder", lambda t, r: ["latents", "encode", t / "nowhere", "--vae", t / "vae", "--out",
+                                                  t / "c"],
+     ["is not digits, cifar10 or an existing folder of images; fix the path"]),
 ]
 
 

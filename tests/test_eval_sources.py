@@ -74,6 +74,28 @@ def test_folder_and_dataset_sources_agree(tmp_path):
         folder_source(tmp_path / "empty-does-not-exist")
 
 
+def test_grey_samples_meet_a_colour_feature_net_and_folders_take_their_first_n(tmp_path):
+    from PIL import Image
+
+    grey = np.random.default_rng(2).integers(0, 256, (5, 4, 4), dtype=np.uint8)
+    for i, im in enumerate(grey):
+        Image.fromarray(im, mode="L").save(tmp_path / f"{i}.png")
+    src = folder_source(tmp_path, batch_size=2, progress=False, n=3)
+    assert src.n == 3 and src.shape == (1, 4, 4)
+    rgb = np.concatenate(list(src.batches(3)))
+    assert rgb.shape == (3, 4, 4, 3) and all(np.array_equal(rgb[..., c], grey[:3]) for c in range(3))
+    np.savez(tmp_path / "g.npz", images=grey[..., None])
+    np.testing.assert_array_equal(np.concatenate(list(npz_source(tmp_path / "g.npz", batch_size=2).batches(3))),
+                                  np.repeat(grey[..., None], 3, axis=-1))
+
+
+def test_a_fortran_ordered_npz_is_refused_not_read_transposed(tmp_path):
+    images = np.asfortranarray(np.random.default_rng(3).integers(0, 256, (4, 5, 6, 3), dtype=np.uint8))
+    np.savez(tmp_path / "f.npz", images=images)
+    with pytest.raises(UserError, match="is Fortran-ordered; save it with np.ascontiguousarray"):
+        list(npz_source(tmp_path / "f.npz").batches(3))
+
+
 def test_statistics_file_round_trip_and_feature_space_check(tmp_path):
     net = _mean_pixel_net()
     x = torch.rand(40, 3, 4, 4) * 2 - 1

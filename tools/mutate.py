@@ -522,6 +522,12 @@ MUTANTS = [
     M("recipe: data.cache off read as a folder named no", "cmgen/recipe.py", "BOOL_WORDS = {\"data.cache\": (\"auto\", \"off\")}", "BOOL_WORDS = {}"),
     M("refstats: a cached reference never reused", "eval/refstats.py", "    if path.is_file():\n        ref = load_stats(path, net)", "    if False:\n        ref = load_stats(path, net)"),
     M("refstats: clean-fid's statistics for any Inception file", "eval/refstats.py", "if net.kind != \"inception\" or net.protocol.get(\"warning\"):", "if net.kind != \"inception\":"),
+    M("eval sources: grey not repeated to RGB", "eval/sources.py", "        return np.repeat(batch, 3, axis=-1)\n", "        return batch\n"),
+    M("eval sources: a folder's --n ignored", "eval/sources.py", "        files = files[:n]\n", "        pass\n"),
+    M("eval sources: Fortran-ordered npz read as C order", "eval/sources.py", "if fortran and len(shape) > 1:", "if False:"),
+    M("sample: --gamma accepted without the gamma sampler", "cmgen/cli.py", "        if sampler != \"gamma\":\n", "        if False:\n"),
+    M("sample: --class-label on an unconditional model", "cmgen/cli.py", "        if not gen.conditional:\n", "        if False:\n"),
+    M("sample: any --out suffix", "cmgen/cli.py", "if out.suffix.lower() not in (\".png\", \".npz\", \"\"):", "if False:"),
 ]
 
 # mutants that change no observable behaviour, with the reason (checked by hand)
