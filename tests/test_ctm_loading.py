@@ -158,3 +158,65 @@ def test_a_timm_backbone_is_read_from_its_weights_file_frozen_and_fed_standardis
         build_discriminator(_gan_cfg(f"timm:{name}", tmp_path / "other.safetensors"), (1, 8, 8))
     with pytest.raises(UserError, match="method.disc_weights"):
         build_discriminator(_gan_cfg(f"timm:{name}", tmp_path / "absent.safetensors"), (1, 8, 8))
+
+
+# ----------------------------------------------------------------------------- the two-time UNet's forward
+
+@pytest.mark.parametrize("blocks,extra", [
+    ((("SkipDownBlock2D", "AttnSkipDownBlock2D"), ("AttnSkipUpBlock2D", "SkipUpBlock2D")), {}),   # NCSN++'s skips
+    ((("DownBlock2D", "AttnDownBlock2D"), ("AttnUpBlock2D", "UpBlock2D")), {"center_input_sample": True}),
+    ((("DownBlock2D", "DownBlock2D"), ("UpBlock2D", "UpBlock2D")), {"class_embed_type": "timestep"}),
+    ((("DownBlock2D", "DownBlock2D"), ("UpBlock2D", "UpBlock2D")), {"num_class_embeds": 5})])
+def test_the_two_time_unet_with_a_zero_s_branch_is_diffusers_unet2dmodel(blocks, extra):
+    """Any UNet2DModel configuration a teacher may have: with its weights and the s branch at zero, the
+    two-time network's forward is diffusers' own."""
+    from diffusers import UNet2DModel
+
+    from cmgen.models.two_time import TwoTimeUNet2DModel
+
+    cfg = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+               down_block_types=blocks[0], up_block_types=blocks[1], attention_head_dim=8, norm_num_groups=8, **extra)
+    torch.manual_seed(0)
+    ref = UNet2DModel(**cfg)
+    two = TwoTimeUNet2DModel(**cfg)
+    assert not two.load_state_dict(ref.state_dict(), strict=False).unexpected_keys
+    with torch.no_grad():
+        for name, p in two.named_parameters():
+            if "time_emb_proj.s" in name:
+                p.zero_()
+        x, t = torch.randn(2, 3, 8, 8), torch.tensor([10.0, 500.0])
+        labels = None if "num_class_embeds" not in extra and "class_embed_type" not in extra else torch.tensor([1, 3])
+        want = ref(x, t, class_labels=labels).sample
+        assert torch.allclose(two(x, t, torch.tensor([3.0, 7.0]), class_labels=labels)["sample"], want, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the exported pipeline's outputs
+
+def test_the_exported_pipelines_default_pil_and_numpy_outputs_are_its_tensor_output(runs, tmp_path):
+    """diffusers' conventions: output_type pil (the default) and np are the pt images in [0, 1], as HWC
+    arrays and 8-bit PIL images; one generator per image or one for the batch."""
+    from cmgen.cli import main
+    from cmgen.pipelines import CMGenCTMPipeline
+
+    assert main(["export", str(runs["ctm"]), "--to", str(tmp_path / "pipe")]) == 0
+    pipe = CMGenCTMPipeline.from_pretrained(tmp_path / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+
+    def call(output_type=None, gens=3):
+        kw = {} if output_type is None else {"output_type": output_type}
+        generator = [torch.Generator().manual_seed(j) for j in range(gens)]
+        return pipe(batch_size=3, num_inference_steps=2, generator=generator, **kw).images
+
+    pt = call("pt")
+    arrays = call("np")
+    assert isinstance(arrays, np.ndarray) and arrays.shape == (3, 8, 8, 1)
+    assert np.allclose(arrays, pt.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+    pils = call()
+    assert len(pils) == 3 and pils[0].size == (8, 8) and pils[0].mode == "L"
+    assert all(np.array_equal(np.asarray(im), (a[..., 0] * 255).round().astype(np.uint8)) for im, a in zip(pils, arrays))
+    with pytest.raises(ValueError, match="output_type must be pt, np or pil"):
+        call("latent")
+    with pytest.raises(ValueError, match="got 2 generators for batch_size 3"):
+        call("pt", gens=2)
+    one = pipe(batch_size=3, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert one.shape == pt.shape and not torch.allclose(one, pt)   # one batch draw, not one draw per image

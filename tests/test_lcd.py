@@ -346,6 +346,31 @@ def test_lrm_is_trained_on_the_student_target_real_triplet_scored_by_the_expert(
     assert out["loss"].item() == pytest.approx(pairwise_kl(expert, lrm)[0].item(), rel=1e-5)
 
 
+def test_the_l2_loss_option_is_the_mean_squared_error_and_huber_is_not(cache, teacher, tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(8, 4, 4, 4, generator=g), torch.randn(8, 4, 4, 4, generator=g)
+    huber = (((pred - target).pow(2) + 0.001**2).sqrt() - 0.001).mean()     # RG-LCD's c = 0.001, element-wise
+    for loss, want in [("l2", (pred - target).pow(2).mean()), ("huber", huber)]:
+        tr = trainer(cache, teacher, tmp_path / loss, loss=loss)
+        monkeypatch.setattr(tr.method, "lcd_pair", lambda nets, batch: (pred, target))
+        out = tr.method.loss(tr.nets, tr._batch(0), 0)
+        assert torch.allclose(out["loss"], want, rtol=1e-6) and torch.allclose(out["lcd"], want, rtol=1e-6)
+
+
+def test_the_lrm_ce_option_makes_the_real_latent_win_both_its_pairs(cache, teacher, tmp_path):
+    from cmgen.rewards.lrm import pairwise_real_ce
+
+    tr = trainer(cache, teacher, tmp_path, reward_mode="lrm", reward="jpeg-compressibility", lrm_loss="ce")
+    m, batch = tr.method, tr._batch(0)
+    m.loss(tr.nets, batch, 0)
+    student, target = batch.extra["triplet"]
+    batch.phase = "lrm"
+    out = m.lrm_loss(tr.nets, batch)
+    lrm = torch.stack([tr.nets.lrm(z, batch.labels) for z in (student, target, batch.x)], 1)
+    assert out["loss"].item() == pytest.approx(pairwise_real_ce(lrm).item(), rel=1e-5)
+    assert torch.isnan(out["agree"])
+
+
 def test_the_students_lrm_reward_is_the_bare_cosine_not_the_preference_logit(cache, teacher, tmp_path):
     """L = L_LCD - beta mean cos(img(f), txt(c)): the LRM's logit scale sharpens its preferences only, so a
     large scale leaves the student's reward (and its gradient) in [-1, 1]."""

@@ -51,7 +51,7 @@ TESTS = {
     "sampling/multistep.py": SAMPLING,
     "sampling/edm.py": SAMPLING,
     "sampling/generate.py": SAMPLING,
-    "cmgen/models/two_time.py": CTM,
+    "cmgen/models/two_time.py": ["tests/test_ctm_loading.py"] + CTM,
     "cmgen/methods/ctm.py": ["tests/test_ctm_loading.py", "tests/test_lpips.py"] + CTM,
     "cmgen/methods/ctm_gan.py": ["tests/test_ctm_loading.py"] + CTM,
     "cmgen/perceptual.py": ["tests/test_lpips.py"],
@@ -83,7 +83,8 @@ TESTS = {
     "cmgen/methods/flow.py": ["tests/test_edm_flow.py", "tests/test_mutants.py"],
     "cmgen/methods/flowgrpo.py": AWM,
     "sampling/registry.py": SAMPLING + ["tests/test_ctm_loading.py"],
-    "cmgen/pipelines.py": ["tests/test_export.py", "tests/test_export_diffusion.py", "tests/test_mutants.py"],
+    "cmgen/pipelines.py": ["tests/test_ctm_loading.py", "tests/test_export.py", "tests/test_export_diffusion.py",
+                           "tests/test_mutants.py"],
     "cmgen/data/__init__.py": ["tests/test_data.py", "tests/test_mutants.py"],
     "cmgen/plots.py": ["tests/test_plots.py", "tests/test_eval_sources.py", "tests/test_eval_cli.py",
                        "tests/test_eval_rewards.py", "tests/test_export.py", "tests/test_mutants.py"],
@@ -528,6 +529,13 @@ MUTANTS = [
     M("sample: --gamma accepted without the gamma sampler", "cmgen/cli.py", "        if sampler != \"gamma\":\n", "        if False:\n"),
     M("sample: --class-label on an unconditional model", "cmgen/cli.py", "        if not gen.conditional:\n", "        if False:\n"),
     M("sample: any --out suffix", "cmgen/cli.py", "if out.suffix.lower() not in (\".png\", \".npz\", \"\"):", "if False:"),
+    M("two-time unet: center_input_sample ignored", "cmgen/models/two_time.py", "        if self.config.center_input_sample:\n            sample = 2 * sample - 1.0\n", ""),
+    M("two-time unet: timestep class embedding fed raw labels", "cmgen/models/two_time.py", "                class_labels = self.time_proj(class_labels)\n", "                pass\n"),
+    M("two-time unet: NCSN++ skip path dropped", "cmgen/models/two_time.py", "            sample = sample + skip_sample\n", "            pass\n"),
+    M("lcd: the l2 option is the mean absolute error", "cmgen/methods/lcd.py", "lcd = (pred.float() - target).pow(2).mean()", "lcd = (pred.float() - target).abs().mean()"),
+    M("lrm: the ce option trains with the kl loss", "cmgen/methods/lcd.py", "        if self.cfg.lrm_loss == \"kl\":\n", "        if True:\n"),
+    M("pipeline images: np output left CHW", "cmgen/pipelines.py", "image = image.cpu().permute(0, 2, 3, 1).numpy()", "image = image.cpu().numpy()"),
+    M("pipeline noise: one generator for every image", "cmgen/pipelines.py", "return torch.cat([torch.randn((1, *shape), generator=g) for g in generator]).to(device)", "return torch.randn((batch_size, *shape), generator=generator[0]).to(device)"),
 ]
 
 # mutants that change no observable behaviour, with the reason (checked by hand)

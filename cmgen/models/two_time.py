@@ -62,6 +62,8 @@ class TwoTimeUNet2DModel(UNet2DModel):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, s_timestep: torch.Tensor = None,
                 class_labels=None, return_dict: bool = True):
         """UNet2DModel.forward with emb = [emb_t (+ class), emb_s]; s defaults to t (the denoiser g(x, t, t))."""
+        if self.config.center_input_sample:
+            sample = 2 * sample - 1.0
         n = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device).float().reshape(-1).expand(n)
         s = t if s_timestep is None else torch.as_tensor(s_timestep, device=sample.device).float().reshape(-1).expand(n)
@@ -69,6 +71,8 @@ class TwoTimeUNet2DModel(UNet2DModel):
         if self.class_embedding is not None:
             if class_labels is None:
                 raise ValueError("class_labels should be provided when doing class conditioning")
+            if self.config.class_embed_type == "timestep":
+                class_labels = self.time_proj(class_labels)
             emb = emb + self.class_embedding(class_labels).to(self.dtype)
         emb = torch.cat([emb, self.time_embedding_s(self.time_proj(s).to(self.dtype))], dim=-1)
 
