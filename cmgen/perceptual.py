@@ -90,8 +90,13 @@ def _backbone(folder: Path, fix: str) -> dict[str, torch.Tensor]:
     except Exception as exc:  # a truncated file, a pickle of objects
         raise UserError(f"'{found[0]}' is not a readable VGG16 state dict ({str(exc).splitlines()[0][:80]}); "
                         f"replace it, {fix}") from None
-    state = {k.removeprefix("features."): v for k, v in state.items()
-             if not k.startswith("classifier.") and int(k.removeprefix("features.").split(".")[0]) <= TAPS[-1]}
+
+    def index(key: str) -> int:  # features.N.weight or N.weight -> N; any other key -> -1
+        head = key.removeprefix("features.").split(".")[0]
+        return int(head) if head.isdigit() else -1
+
+    state = {k.removeprefix("features."): v for k, v in state.items() if 0 <= index(k) <= TAPS[-1]} \
+        if isinstance(state, dict) else {}
     want = {f"{i}.{p}" for i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28) for p in ("weight", "bias")}
     if set(state) != want:
         raise UserError(f"'{found[0]}' is not torchvision's VGG16 (it lacks {sorted(want - set(state))[:3]}); "
@@ -129,7 +134,12 @@ def load_lpips(folder: Optional[str], pooling: str = "avg",
         raise UserError(f"method.distance=lpips needs LPIPS weights offline: set method.lpips_weights to a folder "
                         f"holding torchvision's {BACKBONE_FILE} (and the lpips package's vgg.pth), {fix}")
     folder = Path(folder)
-    return LPIPS(_backbone(folder, fix), _lin(folder, fix), pooling)
+    backbone, lin = _backbone(folder, fix), _lin(folder, fix)
+    try:
+        return LPIPS(backbone, lin, pooling)
+    except RuntimeError as exc:  # the right names with the wrong shapes
+        raise UserError(f"the VGG16 weights in '{folder}' do not fit VGG16 ({' '.join(str(exc).split())[:100]}); "
+                        f"replace them with torchvision's {BACKBONE_FILE}, {fix}") from None
 
 
 def lpips_224(net: LPIPS):

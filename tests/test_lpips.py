@@ -115,6 +115,15 @@ def test_missing_or_bad_weight_files_are_one_sentence_and_never_unpickled(weight
     torch.save({k: v for k, v in state.items() if not k.startswith("features.28.")}, tmp_path / BACKBONE_FILE)
     with pytest.raises(UserError, match=r"is not torchvision's VGG16 \(it lacks \['28.bias'"):
         load_lpips(str(tmp_path))
+    torch.save({"conv1.weight": torch.ones(2), "fc.bias": torch.ones(2)}, tmp_path / BACKBONE_FILE)   # a ResNet's
+    with pytest.raises(UserError, match="is not torchvision's VGG16"):
+        load_lpips(str(tmp_path))
+    torch.save([torch.ones(2)], tmp_path / BACKBONE_FILE)
+    with pytest.raises(UserError, match="is not torchvision's VGG16"):
+        load_lpips(str(tmp_path))
+    torch.save({k: v[:1] for k, v in state.items()}, tmp_path / BACKBONE_FILE)            # names right, shapes wrong
+    with pytest.raises(UserError, match="do not fit VGG16"):
+        load_lpips(str(tmp_path))
     marker = tmp_path / "pwned"
     (tmp_path / BACKBONE_FILE).write_bytes(pickle.dumps({"x": _Exploit(marker)}))
     with pytest.raises(UserError, match="is not a readable VGG16 state dict"):
