@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -140,6 +141,22 @@ def test_export_writes_stock_pipeline_with_safetensors_only(exported):
     assert "diffusion_pytorch_model.safetensors" in files
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
     assert not (exported / "pipeline.py").exists()
+
+
+@pytest.mark.parametrize("damage,words", [
+    (lambda p: (p / "model_index.json").write_text("{half"), "is not valid JSON; the diffusers pipeline folder is corrupt"),
+    (lambda p: (p / "model_index.json").write_text("[1, 2]"), "does not hold a JSON object; the diffusers pipeline"),
+    (lambda p: (p / "scheduler" / "scheduler_config.json").unlink(),
+     "has no scheduler_config.json; it is not a complete diffusers pipeline folder")])
+def test_a_pipeline_folder_with_a_damaged_json_file_is_one_sentence(exported, tmp_path, capsys, damage, words):
+    from cmgen.cli import main
+
+    bad = tmp_path / "pipe"
+    shutil.copytree(exported, bad)
+    damage(bad)
+    assert main(["sample", str(bad), "--n", "1", "--out", str(tmp_path / "s.png"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and not (tmp_path / "s.png").exists()
 
 
 def test_model_card_documents_recipe_steps_sigmas_and_metrics(exported):

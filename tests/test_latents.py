@@ -109,6 +109,21 @@ def test_hflip_stores_the_flipped_images_latents_too(vae_dir, tmp_path):
         assert torch.allclose(c.latents[40:], posterior_sample(vae, x.flip(3), g), atol=1e-6)
 
 
+def test_a_folder_that_is_not_yet_or_no_longer_a_latent_cache_is_one_sentence(cache, vae_dir, tmp_path, capsys):
+    from cmgen.data import latent_dataset
+    from cmgen.errors import UserError
+
+    with pytest.raises(UserError, match=r"is not a latent cache \(no cache.json\); make one with `cmgen latents encode`"):
+        latent_dataset(str(tmp_path))
+    (tmp_path / "cache.json").write_text((cache / "cache.json").read_text())   # an encode stopped before the end
+    with pytest.raises(UserError, match="is incomplete; run the same `cmgen latents encode` again to finish it"):
+        latent_dataset(str(tmp_path))
+    (tmp_path / "cache.json").write_text("{half")
+    assert cli(["latents", "encode", "digits", "--vae", str(vae_dir), "--out", str(tmp_path)] + FAST) == 2
+    err = capsys.readouterr().err
+    assert "has an unreadable cache.json; delete the folder or pass a new --out" in err and err.count("\n") == 1
+
+
 def test_missing_or_wrong_vae_is_one_sentence(tmp_path, capsys, cache):
     assert cli(["latents", "encode", "digits", "--vae", "stabilityai/sd-vae-ft-ema", "--out", str(tmp_path / "a")]
                + FAST) == 2

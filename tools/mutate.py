@@ -536,6 +536,8 @@ MUTANTS = [
     M("lrm: the ce option trains with the kl loss", "cmgen/methods/lcd.py", "        if self.cfg.lrm_loss == \"kl\":\n", "        if True:\n"),
     M("pipeline images: np output left CHW", "cmgen/pipelines.py", "image = image.cpu().permute(0, 2, 3, 1).numpy()", "image = image.cpu().numpy()"),
     M("pipeline noise: one generator for every image", "cmgen/pipelines.py", "return torch.cat([torch.randn((1, *shape), generator=g) for g in generator]).to(device)", "return torch.randn((batch_size, *shape), generator=generator[0]).to(device)"),
+    M("pipeline json: a list accepted as a JSON object", "cmgen/pretrained.py", "    if not isinstance(data, dict):\n", "    if False:\n"),
+    M("latent cache: an unfinished encode read as a cache", "cmgen/latents.py", "    if not (folder / FINAL).is_file():\n", "    if False:\n"),
 ]
 
 # mutants that change no observable behaviour, with the reason (checked by hand)
