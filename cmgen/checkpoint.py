@@ -159,6 +159,15 @@ def read_state(ckpt: Path) -> dict:
         raise UserError(f"checkpoint '{ckpt}' has a corrupt {DONE_FILE}; resume from an older checkpoint") from None
 
 
+def read_weights(path) -> object:
+    """A weight file someone else made: .safetensors, else a torch file read with weights_only=True (tensors and
+    plain containers, never arbitrary pickled objects). Errors propagate: each caller words its own sentence."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """safetensors only; a truncated or foreign file is a one-line error, never unpickled."""
     path = Path(path)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cmgen.checkpoint import read_weights
 from cmgen.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -35,6 +36,18 @@ BACKBONE_FILE = "vgg16-397923af.pth"
 LIN_FILES = ("vgg.pth", "lpips_weights.pt")
 
 
+def vgg16_features(pooling: str = "max") -> nn.Sequential:
+    """torchvision's vgg16().features up to relu5_3, with its module indices (so its state dict keys)."""
+    layers, channels = [], 3
+    for width in VGG16:
+        if width == "pool":
+            layers.append(nn.AvgPool2d(2, 2) if pooling == "avg" else nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(inplace=True)]
+            channels = width
+    return nn.Sequential(*layers)
+
+
 class LPIPS(nn.Module):
     """Frozen LPIPS(VGG16); forward(a, b) -> [B] distances for images in [-1, 1] (any size; 1 or 3 channels)."""
 
@@ -42,14 +55,7 @@ class LPIPS(nn.Module):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be avg or max, got {pooling!r}")
-        layers, channels = [], 3
-        for width in VGG16:  # torchvision's vgg16().features up to relu5_3, with its module indices
-            if width == "pool":
-                layers.append(nn.AvgPool2d(2, 2) if pooling == "avg" else nn.MaxPool2d(2, 2))
-            else:
-                layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(inplace=True)]
-                channels = width
-        self.features = nn.Sequential(*layers)
+        self.features = vgg16_features(pooling)
         self.features.load_state_dict(backbone)
         self.lin = nn.ParameterList(nn.Parameter(w.reshape(1, -1, 1, 1).float(), requires_grad=False) for w in lin)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
@@ -69,24 +75,18 @@ class LPIPS(nn.Module):
         return out
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return sum(((fa - fb).pow(2) * w).sum(1).mean((1, 2)) for fa, fb, w in zip(self.taps(a), self.taps(b), self.lin))
-
-
-def _read(path: Path) -> object:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+        pairs = zip(self.taps(a), self.taps(b), self.lin)
+        return sum(((fa - fb).pow(2) * w).sum(1).mean((1, 2)) for fa, fb, w in pairs)
 
 
 def _backbone(folder: Path, fix: str) -> dict[str, torch.Tensor]:
-    found = [folder / BACKBONE_FILE] if (folder / BACKBONE_FILE).is_file() else sorted(folder.glob("vgg16*.safetensors"))
+    found = [folder / BACKBONE_FILE] if (folder / BACKBONE_FILE).is_file() else \
+        sorted(folder.glob("vgg16*.safetensors"))
     if not found:
         raise UserError(f"method.lpips_weights '{folder}' holds no VGG16 backbone: put torchvision's {BACKBONE_FILE} "
                         f"(or a vgg16*.safetensors) there, {fix}")
     try:
-        state = _read(found[0])
+        state = read_weights(found[0])
     except Exception as exc:  # a truncated file, a pickle of objects
         raise UserError(f"'{found[0]}' is not a readable VGG16 state dict ({str(exc).splitlines()[0][:80]}); "
                         f"replace it, {fix}") from None
@@ -97,7 +97,7 @@ def _backbone(folder: Path, fix: str) -> dict[str, torch.Tensor]:
 
     state = {k.removeprefix("features."): v for k, v in state.items() if 0 <= index(k) <= TAPS[-1]} \
         if isinstance(state, dict) else {}
-    want = {f"{i}.{p}" for i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28) for p in ("weight", "bias")}
+    want = set(vgg16_features().state_dict())
     if set(state) != want:
         raise UserError(f"'{found[0]}' is not torchvision's VGG16 (it lacks {sorted(want - set(state))[:3]}); "
                         f"replace it, {fix}")
@@ -117,7 +117,7 @@ def _lin(folder: Path, fix: str) -> list[torch.Tensor]:
         raise UserError(f"method.lpips_weights '{folder}' holds no LPIPS linear layers: put the lpips package's "
                         f"vgg.pth (v0.1) or piq's lpips_weights.pt there (or pip install lpips), {fix}")
     try:
-        raw = _read(path)
+        raw = read_weights(path)
     except Exception as exc:
         raise UserError(f"'{path}' is not readable LPIPS weights ({str(exc).splitlines()[0][:80]}); {fix}") from None
     lin = [raw.get(f"lin{i}.model.1.weight") for i in range(5)] if isinstance(raw, dict) else list(raw)

@@ -123,3 +123,47 @@ def base_run(tmp_path_factory):
     r = load_recipe("fm_digits", TINY_UNET + ["train.steps=2", "train.batch_size=8", "train.sample_n=4",
                                               "train.checkpoint_every=2", "train.sample_every=0", "eval.steps=[2]"])
     return train(r, out, progress=False)
+
+
+class PickleExploit:
+    """Pickled, it runs `touch marker` when unpickled: planted in weight files, it must never run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def fake_cifar10(root, per_batch=4, seed=0):
+    """CIFAR-10's python layout (cifar-10-batches-py/data_batch_1..5, test_batch, batches.meta) with random
+    images; torchvision's md5 check is lifted by the `lift_cifar_md5` fixture. Returns (images NCHW uint8,
+    labels) of the training batches."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    images, labels = [], []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (per_batch, 3 * 32 * 32), dtype=np.uint8)
+        y = rng.integers(0, 10, per_batch).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, "labels": y}, f)
+        if name != "test_batch":
+            images.append(data.reshape(-1, 3, 32, 32))
+            labels += y
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    return np.concatenate(images), labels
+
+
+@pytest.fixture
+def lift_cifar_md5(monkeypatch):
+    """torchvision's md5 checks of CIFAR-10's files pass (for `fake_cifar10`'s random images)."""
+    import torchvision
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)

@@ -7,6 +7,7 @@ from PIL import Image
 from cmgen.data import cifar10, image_folder, load_dataset, load_digits, toy2d
 from cmgen.errors import UserError
 from cmgen.recipe import load_recipe
+from conftest import fake_cifar10
 
 
 def test_digits_are_scaled_to_minus_one_one_with_labels():
@@ -105,36 +106,6 @@ def test_image_folder_crops_the_centre_before_resizing(tmp_path):
     assert d.shape == (3, 10, 10)
     assert torch.equal(d.uint8(torch.tensor([0]))[0], torch.tensor([0, 255, 0], dtype=torch.uint8)[:, None, None]
                        .expand(3, 10, 10))
-
-
-def fake_cifar10(root, per_batch=4, seed=0):
-    """CIFAR-10's python layout (cifar-10-batches-py/data_batch_1..5, test_batch, batches.meta) with random
-    images; torchvision's md5 check is the caller's to lift. Returns (images NCHW uint8, labels)."""
-    import pickle
-
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    images, labels = [], []
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        data = rng.integers(0, 256, (per_batch, 3 * 32 * 32), dtype=np.uint8)
-        y = rng.integers(0, 10, per_batch).tolist()
-        with open(folder / name, "wb") as f:
-            pickle.dump({"data": data, "labels": y}, f)
-        if name != "test_batch":
-            images.append(data.reshape(-1, 3, 32, 32))
-            labels += y
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
-    return np.concatenate(images), labels
-
-
-@pytest.fixture
-def lift_cifar_md5(monkeypatch):
-    import torchvision
-
-    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
 
 
 def test_cifar10_reads_the_training_batches_in_ram_and_memory_mapped(tmp_path, lift_cifar_md5):

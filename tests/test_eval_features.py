@@ -179,24 +179,23 @@ def test_clip_features_through_the_clip_package_interface(monkeypatch, tmp_path)
     assert feats.shape == (2, 6) and net.metric == "FD-CLIP"
 
 
-def test_the_cifar10_train_reference_is_computed_once_then_cached_or_read_from_cleanfid(tmp_path, monkeypatch, standin):
+def test_the_cifar10_train_reference_is_computed_once_then_cached_or_read_from_cleanfid(tmp_path, monkeypatch, standin,
+                                                                                      lift_cifar_md5):
     import cleanfid
-    import torchvision
 
     from cmgen.data import cifar10
     from cmgen.eval.refstats import accumulate, resolve_reference
     from cmgen.eval.sources import dataset_source
-    from tests.test_data import fake_cifar10
+    from conftest import fake_cifar10
 
-    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)   # random images
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))          # cifar10-train reads ~/.cache/cmgen/cifar10
     monkeypatch.setenv("CMGEN_CACHE", str(tmp_path / "cache"))
     fake_cifar10(tmp_path / "home" / ".cache" / "cmgen" / "cifar10")
     net = F.build_feature_net("inception", (3, 32, 32), inception=str(standin))
     first = resolve_reference("cifar10-train", net, keep=100, progress=False)
     direct = accumulate(dataset_source(cifar10(None).x, "cifar10", "image"), net, keep=100)
-    assert first.stats.n == 20 and np.allclose(first.stats.mean, direct.mean) and np.allclose(first.stats.cov, direct.cov)
+    assert first.stats.n == 20
+    assert np.allclose(first.stats.mean, direct.mean) and np.allclose(first.stats.cov, direct.cov)
     again = resolve_reference("cifar10-train", net, keep=100, progress=False)
     assert "(cached " in again.description["name"] and np.allclose(again.stats.cov, first.stats.cov)
     # clean-fid's published statistics, placed in its stats folder, are used for the published Inception only

@@ -1,6 +1,5 @@
 """Rewards: JPEG (RLCM definition), brightness, the digits classifier, the aesthetic predictor's loading path."""
 import io
-import os
 import sys
 import types
 
@@ -10,6 +9,7 @@ import torch
 
 from cmgen.errors import UserError
 from cmgen.eval.rewards import REWARDS, build_reward, jpeg_kilobytes, linear_stack_from_state
+from conftest import PickleExploit
 
 
 def _images():
@@ -121,19 +121,11 @@ def test_aesthetic_head_on_clip_embeddings(monkeypatch, tmp_path):
     assert [w.shape[1] for w, _ in linear_stack_from_state(deep)] == [7, 3]  # numeric order: 2 before 10
 
 
-class _Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 @pytest.mark.parametrize("name, option", [("aesthetic", "--aesthetic"), ("hpsv2.1", "--hpsv21")])
 def test_reward_weights_that_need_unpickling_are_refused_not_executed(name, option, tmp_path):
     marker = tmp_path / "pwned"
     bad = tmp_path / "weights.pt"
-    torch.save({"state_dict": {"w": torch.zeros(2)}, "config": _Exploit(marker)}, bad)
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "config": PickleExploit(marker)}, bad)
     (tmp_path / "clip.pt").write_bytes(b"stand-in")
     kwargs = {"aesthetic": {"aesthetic": str(bad), "clip": str(tmp_path / "clip.pt")}, "hpsv2.1": {"hpsv21": str(bad)}}
     with pytest.raises(UserError) as err:

@@ -11,6 +11,7 @@ import torch
 
 from cmgen.errors import UserError
 from cmgen.perceptual import BACKBONE_FILE, CHANNELS, load_lpips
+from conftest import PickleExploit
 
 lpips = pytest.importorskip("lpips")
 
@@ -94,16 +95,6 @@ def test_piqs_weight_file_is_read_too(weights, tmp_path):
     assert torch.allclose(load_lpips(str(tmp_path))(a, b), load_lpips(str(weights))(a, b), rtol=1e-6)
 
 
-class _Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_missing_or_bad_weight_files_are_one_sentence_and_never_unpickled(weights, tmp_path):
     import shutil
 
@@ -125,7 +116,7 @@ def test_missing_or_bad_weight_files_are_one_sentence_and_never_unpickled(weight
     with pytest.raises(UserError, match="do not fit VGG16"):
         load_lpips(str(tmp_path))
     marker = tmp_path / "pwned"
-    (tmp_path / BACKBONE_FILE).write_bytes(pickle.dumps({"x": _Exploit(marker)}))
+    (tmp_path / BACKBONE_FILE).write_bytes(pickle.dumps({"x": PickleExploit(marker)}))
     with pytest.raises(UserError, match="is not a readable VGG16 state dict"):
         load_lpips(str(tmp_path))
     assert not marker.exists()

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from cmgen.errors import UserError
 from cmgen.recipe import from_tree, load_recipe, read_yaml, resolve_recipe_path
 from cmgen.train import Trainer, train
-from conftest import launch_two_processes, subprocess_env
+from conftest import PickleExploit, launch_two_processes, subprocess_env
 
 BIN = Path(sys.executable).parent
 TINY = ["model.block_out_channels=[16,32]", "model.norm_num_groups=8", "model.attention_head_dim=8",
@@ -178,14 +178,6 @@ def test_resuming_on_images_of_another_size_is_one_sentence(tmp_path):
 
 # ------------------------------------------------------------------------------ 3. safe loading
 
-class _Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 @pytest.mark.parametrize("victim", ["model.safetensors", "ema.safetensors", "optimizer.safetensors"])
 def test_a_planted_pickle_is_refused_not_executed(tmp_path, tiny_run, victim, capsys):
     from cmgen.cli import main
@@ -194,9 +186,9 @@ def test_a_planted_pickle_is_refused_not_executed(tmp_path, tiny_run, victim, ca
     shutil.copytree(tiny_run, run)
     ckpt = sorted((run / "checkpoints").iterdir())[-1]
     marker = tmp_path / "pwned"
-    payload = pickle.dumps({"weights": _Exploit(marker)})
+    payload = pickle.dumps({"weights": PickleExploit(marker)})
     (ckpt / victim).write_bytes(payload)
-    torch.save({"x": _Exploit(marker)}, ckpt / "extra.pt")  # a stray torch pickle beside it
+    torch.save({"x": PickleExploit(marker)}, ckpt / "extra.pt")  # a stray torch pickle beside it
     code_sample = main(["sample", str(run), "--n", "1", "--out", str(tmp_path / "s.png"), "--no-progress"]
                        + (["--no-ema"] if victim == "model.safetensors" else []))
     same_recipe = TINY[:5] + ["train.checkpoint_every=4", "train.steps=8"]  # as the tiny_run fixture

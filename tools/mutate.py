@@ -104,7 +104,7 @@ TESTS = {
     "cmgen/models/mlp.py": ["tests/test_formulas.py", "tests/test_edm_flow.py", *CTM],
     "cmgen/generator.py": ["tests/test_edm_flow.py", "tests/test_protocol.py", "tests/test_cli.py", "tests/test_latents.py",
                            "tests/test_eval_cli.py", *LCD],
-    "cmgen/checkpoint.py": CKPT,
+    "cmgen/checkpoint.py": ["tests/test_eval_rewards.py", "tests/test_lpips.py"] + CKPT,  # read_weights too
     "cmgen/state.py": CKPT,
     "cmgen/runs.py": ["tests/test_export.py", "tests/test_export_diffusion.py", "tests/test_cli.py", "tests/test_train.py",
                       "tests/test_awm_lora.py", "tests/test_lcd.py", "tests/test_mutants.py"],
@@ -413,7 +413,7 @@ MUTANTS = [
     M("foreign pipeline: 2-step sigma is sigma_max", "cmgen/runs.py", "mid = float(scheduler.sigmas[1])", "mid = float(scheduler.sigmas[0])"),
     M("karras grid: exact ignores the timestep", "cmgen/export.py", "exact += _smallest(n, i, same_sigma & same_t)", "exact += _smallest(n, i, same_sigma)"),
     M("karras grid: only the point below mid", "cmgen/export.py", "for offset in (0, 1):", "for offset in (0,):"),
-    M("reward weights: unpickled", "cmgen/rewards/weights.py", 'map_location="cpu", weights_only=True)', 'map_location="cpu", weights_only=False)'),
+    M("reward weights: unpickled", "cmgen/checkpoint.py", 'map_location="cpu", weights_only=True)', 'map_location="cpu", weights_only=False)'),
     M("export: pickles published", "cmgen/export.py", "        _assert_no_pickles(tmp)\n", "        pass\n"),
     M("export: a non-empty target is written into", "cmgen/export.py", "if out.exists() and (not out.is_dir() or any(out.iterdir())):", "if out.exists() and not out.is_dir():"),
     M("export: --no-ema ignored", "cmgen/export.py", "lm = load_model(source, ema=ema)", "lm = load_model(source, ema=True)"),

@@ -8,6 +8,7 @@ read the rows it names, so there is no hidden global-RNG use.
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,12 +303,7 @@ def cifar10(root: Optional[str], cache: Optional[str] = None) -> Dataset:
     if not files:
         load()  # the one-sentence error
 
-    loaded = []  # read once when the cache is built: its size, then its images
-
-    def get():
-        if not loaded:
-            loaded.append(load())
-        return loaded[0]
+    get = functools.cache(load)  # read once when the cache is built: its size, then its images
 
     def fill(out: np.ndarray, workers: int) -> np.ndarray:
         out[:] = get().data.transpose(0, 3, 1, 2)

@@ -168,13 +168,10 @@ class TimmFeatures(nn.Module):
             full = timm.create_model(name, pretrained=False)
         except Exception as exc:  # an unknown name
             raise refuse(str(exc).splitlines()[0]) from None
-        try:  # the whole network, strictly: timm's features_only loading skips keys it does not find
-            if str(weights).endswith(".safetensors"):
-                from safetensors.torch import load_file
+        from cmgen.checkpoint import read_weights
 
-                state = load_file(str(weights))
-            else:
-                state = torch.load(weights, map_location="cpu", weights_only=True)
+        try:  # the whole network, strictly: timm's features_only loading skips keys it does not find
+            state = read_weights(weights)
             full.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
         except Exception as exc:  # another network's file, a truncated file, a pickle of objects
             raise refuse(" ".join(str(exc).split())) from None

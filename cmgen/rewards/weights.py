@@ -52,11 +52,10 @@ def clip_input(x: torch.Tensor, size: int = 224) -> torch.Tensor:
 def load_state_dict(path: Path, option: str, fix: str) -> dict:
     """Tensors from a .safetensors file or a torch file read with weights_only=True: a file that needs
     unpickling of arbitrary objects is refused in one sentence, never executed."""
+    from cmgen.checkpoint import read_weights
+
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = read_weights(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise UserError(f"{option} '{path}' is not a plain state dict of tensors ({exc.__class__.__name__}: cmgen "
                         f"loads weights only, never pickled objects); {fix}, or re-save it as safetensors") from None
