@@ -305,6 +305,12 @@ def test_clipped_objective_is_ppo_and_the_baseline_kl_is_the_gaussian_kl(base_ru
     ("method.timesteps=99", "method.timesteps"),
     ("method.group_size=1", "method.group_size"),
     ("method.rollout_sampler=heun", "method.rollout_sampler"),
+    ("method.rollout_steps=1", "method.rollout_steps"),
+    ("method.adv_clip=0", "method.adv_clip"),
+    ("method.adv_eps=-1", "method.adv_eps"),
+    ("method.lora_rank=-4", "method.lora_rank"),
+    ("method.t_last=99", "method.t_last"),
+    ("method.beta=-0.1", "method.beta"),
 ])
 def test_bad_awm_settings_are_one_sentence(override, field):
     from cmgen.recipe import load_recipe

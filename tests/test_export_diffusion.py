@@ -105,3 +105,17 @@ def test_edm_with_the_cm_noise_label_is_refused_in_one_sentence(tmp_path, capsys
     err = capsys.readouterr().err
     assert "precond.c_noise: edm" in err and err.count("\n") == 1
     assert not (tmp_path / "pipe").exists()
+
+
+@pytest.mark.parametrize("which", ["edm", "flow"])
+def test_a_stock_scheduler_pipeline_without_cmgens_recipe_is_one_sentence(which, edm, flow, tmp_path, capsys):
+    import shutil
+
+    from cmgen.runs import RECIPE_FILE
+
+    folder = shutil.copytree({"edm": edm, "flow": flow}[which][1], tmp_path / "pipe")
+    (folder / RECIPE_FILE).unlink()              # as a pipeline of these schedulers made elsewhere would be
+    out = tmp_path / "s.png"
+    assert cli(["sample", str(folder), "--n", "2", "--out", str(out), "--threads", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert RECIPE_FILE in err and "exported itself" in err and err.count("\n") == 1 and not out.exists()

@@ -70,7 +70,7 @@ TESTS = {
     "sampling/flow.py": SAMPLING + ["tests/test_awm.py"],
     "cmgen/latents.py": ["tests/test_latents.py", "tests/test_lct.py", "tests/test_mutants.py"],
     "cmgen/rewards/digits.py": ["tests/test_rewards.py", "tests/test_eval_rewards.py", "tests/test_mutants.py"],
-    "cmgen/rewards/weights.py": ["tests/test_eval_rewards.py", "tests/test_mutants.py"],
+    "cmgen/rewards/weights.py": ["tests/test_reward_models.py", "tests/test_eval_rewards.py", "tests/test_mutants.py"],
     "cmgen/rewards/image.py": ["tests/test_rewards.py", "tests/test_eval_rewards.py", "tests/test_ldm_rewards.py",
                                "tests/test_mutants.py"],
     "cmgen/train.py": ["tests/test_train.py", "tests/test_protocol.py", "tests/test_data.py", "tests/test_ict_pinned.py",
@@ -538,6 +538,16 @@ MUTANTS = [
     M("pipeline noise: one generator for every image", "cmgen/pipelines.py", "return torch.cat([torch.randn((1, *shape), generator=g) for g in generator]).to(device)", "return torch.randn((batch_size, *shape), generator=generator[0]).to(device)"),
     M("pipeline json: a list accepted as a JSON object", "cmgen/pretrained.py", "    if not isinstance(data, dict):\n", "    if False:\n"),
     M("latent cache: an unfinished encode read as a cache", "cmgen/latents.py", "    if not (folder / FINAL).is_file():\n", "    if False:\n"),
+    # CLIP-family rewards (round 13)
+    M("pickscore: not divided by 26", "cmgen/rewards/weights.py", "return model.logit_scale.exp() * sim / 26.0", "return model.logit_scale.exp() * sim"),
+    M("pickscore: logit_scale used as stored (a log)", "cmgen/rewards/weights.py", "return model.logit_scale.exp() * sim / 26.0", "return model.logit_scale * sim / 26.0"),
+    M("clipscore: negative cosines kept", "cmgen/rewards/weights.py", "device).clamp(min=0)", "device)"),
+    M("clip input: top-left crop", "cmgen/rewards/weights.py", "top, left = (x.shape[2] - size) // 2, (x.shape[3] - size) // 2", "top, left = 0, 0"),
+    M("clip input: longest side resized to 224", "cmgen/rewards/weights.py", "s = size / min(h, w)", "s = size / max(h, w)"),
+    M("clip input: bilinear resize", "cmgen/rewards/weights.py", 'mode="bicubic",\n                      align_corners=False, antialias=True)', 'mode="bilinear",\n                      align_corners=False, antialias=True)'),
+    M("clip input: mean and std swapped", "cmgen/rewards/weights.py", "    return (x - mean) / std\n", "    return (x - std) / mean\n"),
+    M("clip similarity: image features unprojected", "cmgen/rewards/weights.py", "img = _projected(model.get_image_features(pixel_values=clip_input(x).to(device)))", "img = model.vision_model(pixel_values=clip_input(x).to(device)).pooler_output[..., :16]"),
+    M("pipeline: a stock EDM/flow pipeline without cmgen's recipe read as a cm model", "cmgen/runs.py", "    if recipe is None and sched.get(\"_class_name\") in (", "    if False and sched.get(\"_class_name\") in ("),
 ]
 
 # mutants that change no observable behaviour, with the reason (checked by hand)

@@ -144,9 +144,14 @@ def _hf_clip(path: Path, what: str, device):
 def _clip_similarity(model, tokenizer, x, prompts, device) -> torch.Tensor:
     """Cosine similarity of image and text embeddings (HF CLIPModel), per pair."""
     tokens = tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt").to(device)
-    img = model.get_image_features(pixel_values=clip_input(x).to(device))
-    txt = model.get_text_features(**tokens)
+    img = _projected(model.get_image_features(pixel_values=clip_input(x).to(device)))
+    txt = _projected(model.get_text_features(**tokens))
     return torch.nn.functional.cosine_similarity(img, txt, dim=-1)
+
+
+def _projected(out) -> torch.Tensor:
+    """transformers 4 returns the projected embeddings; 5 returns an output whose pooler_output holds them."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
 def pickscore(pickscore: Optional[str] = None, device="cpu") -> Reward:

@@ -1,0 +1,99 @@
+"""The CLIP-family rewards on a tiny CLIP model saved here (transformers' own CLIPModel is the oracle):
+CLIP's image input, PickScore's logit / 26 and CLIPScore's 100 max(cos, 0)."""
+import numpy as np
+import pytest
+import torch
+
+from cmgen.errors import UserError
+from cmgen.rewards import build_reward
+
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = ["a red square", "the digit seven", "noise", "a blue circle"]
+SEED = 1   # a draw whose four image-prompt cosines have both signs (the CLIPScore test asserts it)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A CLIPModel folder with CLIP's layout (224 input, a byte-level BPE tokenizer) but tiny random towers."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    from cmgen.sd import tiny_tokenizer_files
+
+    folder = tmp_path_factory.mktemp("clip")
+    tiny_tokenizer_files(folder)
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    tok.save_pretrained(str(folder))
+    torch.manual_seed(SEED)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_hidden_layers=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(image_size=224, patch_size=32, hidden_size=32, intermediate_size=64,
+                           num_attention_heads=4, num_hidden_layers=2),
+        projection_dim=16, logit_scale_init_value=float(np.log(60.0)))
+    CLIPModel(cfg).eval().save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def images(n=4):
+    """Smooth RGB images 24x40 in [-1, 1], one per prompt (not square: the crop is visible)."""
+    g = torch.Generator().manual_seed(3)
+    low = torch.rand(n, 3, 3, 5, generator=g)
+    return torch.nn.functional.interpolate(low, size=(24, 40), mode="bilinear", align_corners=True) * 2 - 1
+
+
+def oracle(folder, x, prompts):
+    """transformers' CLIPModel forward on clip_input(x): (logits_per_image diagonal, cosine of the pairs)."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    from cmgen.rewards.weights import clip_input
+
+    model, tok = CLIPModel.from_pretrained(str(folder)).eval(), AutoTokenizer.from_pretrained(str(folder))
+    ids = tok(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(input_ids=ids.input_ids, attention_mask=ids.attention_mask, pixel_values=clip_input(x))
+    return out.logits_per_image.diagonal(), (out.image_embeds * out.text_embeds).sum(-1)
+
+
+def test_clip_input_is_clips_image_processor_bicubic_shortest_side_and_centre_crop():
+    from transformers import CLIPImageProcessor
+
+    from cmgen.rewards.weights import clip_input
+
+    x = images(2)
+    uint8 = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    proc = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    ref = torch.from_numpy(proc(images=list(uint8), return_tensors="np")["pixel_values"])
+    got = clip_input(x)
+    assert got.shape == ref.shape == (2, 3, 224, 224)
+    # PIL's bicubic (a = -0.5) on uint8 against torch's (a = -0.75) on floats: close, not equal
+    assert (got - ref).abs().max() < 0.03 and (got - ref).abs().mean() < 0.01
+    grey = clip_input(x[:, :1])                                      # one channel is repeated to RGB
+    assert torch.allclose(grey, clip_input(x[:, :1].expand(-1, 3, -1, -1)))
+
+
+def test_pickscore_is_clips_logit_over_26(tiny_clip):
+    x = images()
+    r = build_reward("pickscore", pickscore=str(tiny_clip))
+    logits, cos = oracle(tiny_clip, x, PROMPTS)
+    got = r(x, PROMPTS)
+    assert got.shape == (4,)
+    torch.testing.assert_close(got, logits / 26.0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, 60.0 * cos / 26.0, rtol=1e-4, atol=1e-5)   # logit_scale is stored as a log
+
+
+def test_clipscore_is_100_times_the_positive_part_of_the_cosine(tiny_clip, monkeypatch):
+    monkeypatch.setenv("CMGEN_CLIPSCORE", str(tiny_clip))
+    x = images()
+    r = build_reward("clipscore")
+    _, cos = oracle(tiny_clip, x, PROMPTS)
+    assert (cos < 0).any() and (cos > 0).any(), "the draw should give cosines of both signs"
+    torch.testing.assert_close(r(x, PROMPTS), 100 * cos.clamp(min=0), rtol=1e-4, atol=1e-4)
+
+
+def test_prompted_rewards_need_one_prompt_per_image(tiny_clip):
+    r = build_reward("pickscore", pickscore=str(tiny_clip))
+    for cond in (None, PROMPTS[:3], torch.zeros(4)):
+        with pytest.raises(UserError, match="one prompt per image"):
+            r(images(), cond)
