@@ -97,3 +97,63 @@ def test_prompted_rewards_need_one_prompt_per_image(tiny_clip):
     for cond in (None, PROMPTS[:3], torch.zeros(4)):
         with pytest.raises(UserError, match="one prompt per image"):
             r(images(), cond)
+
+
+def test_hpsv21_reads_the_checkpoints_state_dict_into_vit_h14_and_scores_the_normalised_cosine(tmp_path, monkeypatch):
+    """open_clip is not installed here: a stand-in module with its API (create_model_and_transforms, get_tokenizer,
+    encode_image / encode_text with normalize=) checks what cmgen does with it."""
+    import sys
+    import types
+
+    from cmgen.rewards.weights import clip_input
+
+    made = {}
+
+    class TinyOpenClip(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual = torch.nn.Linear(3, 5)
+            self.text = torch.nn.Embedding(64, 5)
+
+        def _out(self, e, normalize):
+            return e / e.norm(dim=-1, keepdim=True) if normalize else e
+
+        def encode_image(self, x, normalize=False):
+            return self._out(self.visual(x.mean((2, 3))), normalize)
+
+        def encode_text(self, ids, normalize=False):
+            return self._out(self.text(ids).mean(1), normalize)
+
+    def create(name, pretrained=None, device="cpu"):
+        made["name"], made["pretrained"] = name, pretrained
+        made["model"] = TinyOpenClip()
+        return made["model"], None, None
+
+    def get_tokenizer(name):
+        return lambda prompts: torch.tensor([[len(p) % 64, ord(p[0]) % 64] for p in prompts])
+
+    monkeypatch.setitem(sys.modules, "open_clip", types.SimpleNamespace(
+        create_model_and_transforms=create, get_tokenizer=get_tokenizer))
+    torch.manual_seed(2)
+    trained = TinyOpenClip().state_dict()
+    weights = tmp_path / "HPS_v2.1_compressed.pt"
+    torch.save({"state_dict": trained}, weights)                      # HPSv2's layout: the weights under state_dict
+    r = build_reward("hpsv2.1", hpsv21=str(weights))
+    assert made["name"] == "ViT-H-14" and made["pretrained"] is None  # no download: the file's weights only
+    assert all(torch.equal(made["model"].state_dict()[k], v) for k, v in trained.items())
+    x = images()
+    with torch.no_grad():
+        img = made["model"].visual(clip_input(x).mean((2, 3)))
+        txt = made["model"].text(get_tokenizer("ViT-H-14")(PROMPTS)).mean(1)
+    cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
+    torch.testing.assert_close(r(x, PROMPTS), cos, rtol=1e-5, atol=1e-6)
+    with pytest.raises(UserError, match="one prompt per image"):
+        r(x, PROMPTS[:2])
+
+
+def test_imagereward_needs_its_checkpoint_file_and_med_config_beside_it(tmp_path):
+    for given in (tmp_path, tmp_path / "ImageReward.pt"):            # a folder; the file without med_config.json
+        (tmp_path / "ImageReward.pt").write_bytes(b"weights")
+        with pytest.raises(UserError) as err:
+            build_reward("imagereward", imagereward=str(given))
+        assert "med_config.json" in str(err.value) and "\n" not in str(err.value)

@@ -548,6 +548,8 @@ MUTANTS = [
     M("clip input: mean and std swapped", "cmgen/rewards/weights.py", "    return (x - mean) / std\n", "    return (x - std) / mean\n"),
     M("clip similarity: image features unprojected", "cmgen/rewards/weights.py", "img = _projected(model.get_image_features(pixel_values=clip_input(x).to(device)))", "img = model.vision_model(pixel_values=clip_input(x).to(device)).pooler_output[..., :16]"),
     M("pipeline: a stock EDM/flow pipeline without cmgen's recipe read as a cm model", "cmgen/runs.py", "    if recipe is None and sched.get(\"_class_name\") in (", "    if False and sched.get(\"_class_name\") in ("),
+    M("hpsv2.1: image embeddings not normalised", "cmgen/rewards/weights.py", "img = model.encode_image(clip_input(x).to(device), normalize=True)", "img = model.encode_image(clip_input(x).to(device))"),
+    M("hpsv2.1: checkpoint's state_dict nesting ignored", "cmgen/rewards/weights.py", "model.load_state_dict(state.get(\"state_dict\", state))", "model.load_state_dict(state, strict=False)"),
 ]
 
 # mutants that change no observable behaviour, with the reason (checked by hand)

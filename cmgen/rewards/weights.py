@@ -204,11 +204,15 @@ def imagereward(imagereward: Optional[str] = None, device="cpu") -> Reward:
     """ImageReward (Xu et al. 2023) through its own package's loader."""
     path = weights_path(imagereward, "CMGEN_IMAGEREWARD", "imagereward", "ImageReward.pt from THUDM/ImageReward "
                         "(with med_config.json beside it)", "--imagereward")
+    med_config = path.parent / "med_config.json"
+    if not path.is_file() or not med_config.is_file():
+        raise UserError(f"--imagereward '{path}' must be the ImageReward.pt file with med_config.json beside it (both "
+                        "from THUDM/ImageReward); the package would otherwise download the missing one")
     try:
         import ImageReward as RM
     except ImportError:
         raise UserError("reward imagereward needs the 'image-reward' package; pip install image-reward") from None
-    model = RM.load(str(path), device=device, med_config=str(path.parent / "med_config.json")).eval()
+    model = RM.load(str(path), device=device, med_config=str(med_config)).eval()
 
     def score(x, cond=None):
         prompts = _prompts(cond, len(x), "imagereward")
