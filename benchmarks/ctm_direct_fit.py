@@ -4,13 +4,20 @@ CTM (the teacher's weights, the s branch at zero), scored like benchmarks/ctm_ch
 against a fine Heun solve of the teacher on the check's held-out noises, over the teacher's own 17-step Heun error.
 
     python benchmarks/ctm_direct_fit.py runs/ctm_digits --pairs 20000 --steps 3000 [--cache runs/ctm_checks_cache]
+    python benchmarks/ctm_direct_fit.py runs/ctm_digits --channels 64,128 --groups 32 [--batch 64 --lr 5e-4]
+
+--channels gives the student other block_out_channels (and --groups its norm_num_groups): such a student cannot
+start from the teacher's weights, so it starts from its random draw (--scratch does the same for the teacher's
+width, the control for the wider runs).
 
 If direct regression onto exact ODE pairs levels off at the same ratio as CTM's trained jump, the ratio measures the
-network and the budget, not CTM's bootstrapped targets. Batch 32, RAdam 1e-3, an EMA of 0.99 for the scores.
+network and the budget, not CTM's bootstrapped targets. Batch 32, RAdam 1e-3, an EMA of 0.99 for the scores unless
+--batch, --lr, --ema say otherwise.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -30,6 +37,12 @@ def main() -> None:
     ap.add_argument("--fine", type=int, default=100, help="Karras points of the fine solve (as ctm_checks.py)")
     ap.add_argument("--cache", default=None, help="ctm_checks.py's --cache folder, to reuse its fine solves")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--channels", default=None, help="the student's block_out_channels, e.g. 64,128 (random start)")
+    ap.add_argument("--groups", type=int, default=None, help="the student's norm_num_groups with --channels")
+    ap.add_argument("--scratch", action="store_true", help="start from the random draw, not the teacher's weights")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--ema", type=float, default=0.99)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -44,17 +57,37 @@ def main() -> None:
     teacher = load_teacher(recipe.method, recipe, run).eval()
     start = time.time()
     z = torch.randn(args.pairs, *run.shape, generator=torch.Generator().manual_seed(123)) * p.sigma_max
-    y = torch.cat([cc.heun17(teacher, recipe, z[i:i + 500]) for i in range(0, args.pairs, 500)])
-    print(f"{args.pairs} teacher 17-step Heun endpoints in {time.time() - start:.0f} s", flush=True)
+    pairs = cc.cache_path(args.cache, recipe, args.pairs, 17)
+    pairs = pairs and pairs.with_name(pairs.name.replace("ctm_checks_ref", "ctm_direct_fit_pairs"))
+    if pairs and pairs.exists():
+        y = torch.load(pairs, weights_only=True)
+        print(f"{args.pairs} teacher 17-step Heun endpoints read from {pairs}", flush=True)
+    else:
+        y = torch.cat([cc.heun17(teacher, recipe, z[i:i + 500]) for i in range(0, args.pairs, 500)])
+        print(f"{args.pairs} teacher 17-step Heun endpoints in {time.time() - start:.0f} s", flush=True)
+        if pairs:
+            pairs.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(y, pairs)
 
-    net = Generator.build(recipe, run.shape, run.num_classes).net
-    init_from_teacher(net, teacher, recipe.method.teacher)
+    student = recipe
+    if args.channels:
+        channels = tuple(int(c) for c in args.channels.split(","))
+        groups = args.groups or recipe.model.norm_num_groups
+        student = dataclasses.replace(recipe, model=dataclasses.replace(
+            recipe.model, block_out_channels=channels, norm_num_groups=groups))
+    torch.manual_seed(0)
+    net = Generator.build(student, run.shape, run.num_classes).net
+    if not (args.channels or args.scratch):
+        init_from_teacher(net, teacher, recipe.method.teacher)
+    print(f"student {list(student.model.block_out_channels)}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M "
+          f"parameters, {'teacher start' if not (args.channels or args.scratch) else 'random start'}, batch "
+          f"{args.batch}, lr {args.lr:g}, EMA {args.ema:g}", flush=True)
     _, holdout = training_data(recipe, False)
     d = cc.draws(recipe, holdout.x[:args.n].float())
     ref = cc.cached_references(teacher, recipe, d, args.fine, cc.cache_path(args.cache, recipe, args.n, args.fine))
     fine, heun17 = ref[f"fine_{p.sigma_min:g}"], cc.rms(ref["heun17"], ref[f"fine_{p.sigma_min:g}"])
-    ema = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.99))
-    opt = torch.optim.RAdam(net.parameters(), lr=1e-3)
+    ema = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema))
+    opt = torch.optim.RAdam(net.parameters(), lr=args.lr)
     full = lambda n, v: torch.full((n,), float(v))  # noqa: E731
     gen = torch.Generator().manual_seed(0)
     for step in range(args.steps + 1):
@@ -66,8 +99,8 @@ def main() -> None:
                   f"({heun17:.4f}), {time.time() - start:.0f} s", flush=True)
         if step == args.steps:
             break
-        i = torch.randint(args.pairs, (32,), generator=gen)
-        loss = (net(z[i], full(32, p.sigma_max), full(32, p.sigma_min)) - y[i]).pow(2).mean()
+        i = torch.randint(args.pairs, (args.batch,), generator=gen)
+        loss = (net(z[i], full(args.batch, p.sigma_max), full(args.batch, p.sigma_min)) - y[i]).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
