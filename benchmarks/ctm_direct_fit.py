@@ -6,6 +6,11 @@ against a fine Heun solve of the teacher on the check's held-out noises, over th
     python benchmarks/ctm_direct_fit.py runs/ctm_digits --pairs 20000 --steps 3000 [--cache runs/ctm_checks_cache]
     python benchmarks/ctm_direct_fit.py runs/ctm_digits --channels 64,128 --groups 32 [--batch 64 --lr 5e-4]
 
+Each fit writes its curve to <run>/eval/ctm_direct_fit_<label>.json (--label, default from the options); --plot
+draws several such files into one PNG, with the teacher's Heun error and the issue's 1.5x bound:
+
+    python benchmarks/ctm_direct_fit.py --plot runs/ctm_init/eval/ctm_direct_fit_*.json --out direct_fit.png
+
 --channels gives the student other block_out_channels (and --groups its norm_num_groups): such a student cannot
 start from the teacher's weights, so it starts from its random draw (--scratch does the same for the teacher's
 width, the control for the wider runs).
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -30,7 +36,7 @@ import ctm_checks as cc  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", help="a ctm run (its recipe and teacher are used; its weights are not)")
+    ap.add_argument("run", nargs="?", help="a ctm run (its recipe and teacher are used; its weights are not)")
     ap.add_argument("--pairs", type=int, default=20000, help="noises whose teacher ODE endpoints are the targets")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--n", type=int, default=100, help="held-out noises of the check (as ctm_checks.py --n)")
@@ -43,7 +49,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ema", type=float, default=0.99)
+    ap.add_argument("--label", default=None, help="name of this fit's curve file (default from the options)")
+    ap.add_argument("--plot", nargs="+", metavar="JSON", help="draw these curve files into --out instead of fitting")
+    ap.add_argument("--out", default="ctm_direct_fit.png", help="the PNG of --plot")
     args = ap.parse_args()
+    if args.plot:
+        return plot(args.plot, args.out)
+    if not args.run:
+        ap.error("give a ctm run, or --plot JSON...")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -90,6 +103,14 @@ def main() -> None:
     opt = torch.optim.RAdam(net.parameters(), lr=args.lr)
     full = lambda n, v: torch.full((n,), float(v))  # noqa: E731
     gen = torch.Generator().manual_seed(0)
+    width = list(student.model.block_out_channels)
+    label = args.label or (f"{'x'.join(map(str, width))}_{'random' if args.channels or args.scratch else 'teacher'}"
+                           f"_b{args.batch}_lr{args.lr:g}")
+    curve = {"label": label, "channels": width, "start": "random" if args.channels or args.scratch else "teacher",
+             "parameters": sum(q.numel() for q in net.parameters()), "batch": args.batch, "lr": args.lr,
+             "ema": args.ema, "pairs": args.pairs, "teacher_heun17_rmse": heun17, "steps": [], "rmse": []}
+    out = Path(args.run) / "eval" / f"ctm_direct_fit_{label}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     for step in range(args.steps + 1):
         if step % max(1, args.steps // 5) == 0:
             with torch.no_grad():
@@ -97,6 +118,9 @@ def main() -> None:
             r = cc.rms(jump, fine)
             print(f"step {step}: held-out 1-step RMSE {r:.4f} = {r / heun17:.1f}x the teacher's 17-step Heun "
                   f"({heun17:.4f}), {time.time() - start:.0f} s", flush=True)
+            curve["steps"].append(step)
+            curve["rmse"].append(r)
+            out.write_text(json.dumps(curve, indent=2))
         if step == args.steps:
             break
         i = torch.randint(args.pairs, (args.batch,), generator=gen)
@@ -105,6 +129,32 @@ def main() -> None:
         loss.backward()
         opt.step()
         ema.update_parameters(net)
+    print(f"wrote {out}")
+
+
+def plot(files, out) -> None:
+    """The 1-step RMSE against the step of each curve file, the teacher's 17-step Heun error and 1.5x it."""
+    from cmgen.plots import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=100)
+    curves = [json.loads(Path(f).read_text()) for f in files]
+    for c in curves:
+        ax.plot(c["steps"][1:], c["rmse"][1:], marker="o", label=f"{c['channels']} {c['start']} start "
+                f"({c['parameters'] / 1e6:.1f}M)")
+    heun = curves[0]["teacher_heun17_rmse"]
+    ax.axhline(heun, color="g", ls="--", label=f"teacher 17-step Heun ({heun:.3f})")
+    ax.axhline(1.5 * heun, color="r", ls="--", label=f"1.5x the teacher's Heun ({1.5 * heun:.3f})")
+    ax.set_ylim(0, None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("1-step RMSE against the fine ODE solve")
+    ax.set_title("direct regression onto the teacher's ODE endpoints", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
