@@ -125,28 +125,34 @@ def point_checks(student, recipe, d: dict, ref: dict, holdout, train_x) -> dict:
     return out
 
 
-def cached_references(teacher, recipe, d, n_fine: int, cache):
-    """references(), read from / written to the file `cache` when given (keyed by teacher, n, fine, seed)."""
-    if cache is None:
-        return references(teacher, recipe, d, n_fine)
-    path = Path(cache)
+def cached(path, compute):
+    """compute(), read from / written to the file `path` when given (tensors, read with weights_only=True)."""
+    if path is None:
+        return compute()
+    path = Path(path)
     if path.exists():
         return torch.load(path, weights_only=True)
-    ref = references(teacher, recipe, d, n_fine)
+    out = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ref, path)
-    return ref
+    torch.save(out, path)
+    return out
 
 
-def cache_path(folder, recipe, n: int, n_fine: int):
-    """The file of cached_references() in `folder` (None: no cache), keyed by teacher, grid, n and fine."""
+def cached_references(teacher, recipe, d, n_fine: int, cache):
+    """references(), read from / written to the file `cache` when given (keyed by teacher, n, fine, seed)."""
+    return cached(cache, lambda: references(teacher, recipe, d, n_fine))
+
+
+def cache_path(folder, recipe, n: int, n_fine: int, kind: str = "ctm_checks_ref"):
+    """The file of a cached teacher computation `kind` in `folder` (None: no cache), keyed by teacher, grid, n and
+    fine (cached_references(); ctm_direct_fit.py's ODE pairs)."""
     if not folder:
         return None
     import hashlib
 
     key = hashlib.sha256(f"{Path(recipe.method.teacher).resolve()}|{recipe.method.grid}|{n}|{n_fine}"
                          .encode()).hexdigest()[:16]
-    return Path(folder) / f"ctm_checks_ref_{key}.pt"
+    return Path(folder) / f"{kind}_{key}.pt"
 
 
 def main() -> None:

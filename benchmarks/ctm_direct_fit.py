@@ -70,19 +70,14 @@ def main() -> None:
     teacher = load_teacher(recipe.method, recipe, run).eval()
     start = time.time()
     z = torch.randn(args.pairs, *run.shape, generator=torch.Generator().manual_seed(123)) * p.sigma_max
-    pairs = cc.cache_path(args.cache, recipe, args.pairs, 17)
-    pairs = pairs and pairs.with_name(pairs.name.replace("ctm_checks_ref", "ctm_direct_fit_pairs"))
-    if pairs and pairs.exists():
-        y = torch.load(pairs, weights_only=True)
-        print(f"{args.pairs} teacher 17-step Heun endpoints read from {pairs}", flush=True)
-    else:
-        y = torch.cat([cc.heun17(teacher, recipe, z[i:i + 500]) for i in range(0, args.pairs, 500)])
-        print(f"{args.pairs} teacher 17-step Heun endpoints in {time.time() - start:.0f} s", flush=True)
-        if pairs:
-            pairs.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(y, pairs)
+    pairs = cc.cache_path(args.cache, recipe, args.pairs, 17, kind="ctm_direct_fit_pairs")
+    read = pairs is not None and pairs.exists()
+    y = cc.cached(pairs, lambda: torch.cat([cc.heun17(teacher, recipe, z[i:i + 500])
+                                            for i in range(0, args.pairs, 500)]))
+    print(f"{args.pairs} teacher 17-step Heun endpoints " + (f"read from {pairs}" if read else
+          f"in {time.time() - start:.0f} s"), flush=True)
 
-    student = recipe
+    student, start_from = recipe, "random" if args.channels or args.scratch else "teacher"
     if args.channels:
         channels = tuple(int(c) for c in args.channels.split(","))
         groups = args.groups or recipe.model.norm_num_groups
@@ -90,11 +85,11 @@ def main() -> None:
             recipe.model, block_out_channels=channels, norm_num_groups=groups))
     torch.manual_seed(0)
     net = Generator.build(student, run.shape, run.num_classes).net
-    if not (args.channels or args.scratch):
+    if start_from == "teacher":
         init_from_teacher(net, teacher, recipe.method.teacher)
-    print(f"student {list(student.model.block_out_channels)}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M "
-          f"parameters, {'teacher start' if not (args.channels or args.scratch) else 'random start'}, batch "
-          f"{args.batch}, lr {args.lr:g}, EMA {args.ema:g}", flush=True)
+    width, size = list(student.model.block_out_channels), sum(q.numel() for q in net.parameters())
+    print(f"student {width}: {size / 1e6:.2f}M parameters, {start_from} start, batch {args.batch}, lr {args.lr:g}, "
+          f"EMA {args.ema:g}", flush=True)
     _, holdout = training_data(recipe, False)
     d = cc.draws(recipe, holdout.x[:args.n].float())
     ref = cc.cached_references(teacher, recipe, d, args.fine, cc.cache_path(args.cache, recipe, args.n, args.fine))
@@ -103,12 +98,10 @@ def main() -> None:
     opt = torch.optim.RAdam(net.parameters(), lr=args.lr)
     full = lambda n, v: torch.full((n,), float(v))  # noqa: E731
     gen = torch.Generator().manual_seed(0)
-    width = list(student.model.block_out_channels)
-    label = args.label or (f"{'x'.join(map(str, width))}_{'random' if args.channels or args.scratch else 'teacher'}"
-                           f"_b{args.batch}_lr{args.lr:g}")
-    curve = {"label": label, "channels": width, "start": "random" if args.channels or args.scratch else "teacher",
-             "parameters": sum(q.numel() for q in net.parameters()), "batch": args.batch, "lr": args.lr,
-             "ema": args.ema, "pairs": args.pairs, "teacher_heun17_rmse": heun17, "steps": [], "rmse": []}
+    label = args.label or f"{'x'.join(map(str, width))}_{start_from}_b{args.batch}_lr{args.lr:g}"
+    curve = {"label": label, "channels": width, "start": start_from, "parameters": size, "batch": args.batch,
+             "lr": args.lr, "ema": args.ema, "pairs": args.pairs, "teacher_heun17_rmse": heun17, "steps": [],
+             "rmse": []}
     out = Path(args.run) / "eval" / f"ctm_direct_fit_{label}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     for step in range(args.steps + 1):

@@ -98,6 +98,14 @@ def tiny_tokenizer_files(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n")
 
 
+def tiny_text_config(tok) -> dict:
+    """The text tower of the tiny CLIP models built here (the SD pipeline's encoder, the tests' CLIP rewards):
+    two layers of width 32 over the byte-level tokenizer `tok` of tiny_tokenizer_files()."""
+    return dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+
+
 def tiny_sd_pipeline(out, seed: int = 0, prediction_type: str = "epsilon"):
     """A Stable Diffusion pipeline with SD's layout and schedule but tiny random networks, saved to `out`."""
     _transformers()
@@ -116,9 +124,7 @@ def tiny_sd_pipeline(out, seed: int = 0, prediction_type: str = "epsilon"):
     with tempfile.TemporaryDirectory() as tmp:
         tiny_tokenizer_files(Path(tmp))
         tok = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
-    enc = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                       num_hidden_layers=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    enc = CLIPTextModel(CLIPTextConfig(**tiny_text_config(tok)))
     sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                           clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
     pipe = StableDiffusionPipeline(vae=tiny_vae(3, 4), text_encoder=enc, tokenizer=tok, unet=unet, scheduler=sched,

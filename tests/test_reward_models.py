@@ -18,7 +18,7 @@ def tiny_clip(tmp_path_factory):
     """A CLIPModel folder with CLIP's layout (224 input, a byte-level BPE tokenizer) but tiny random towers."""
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-    from cmgen.sd import tiny_tokenizer_files
+    from cmgen.sd import tiny_text_config, tiny_tokenizer_files
 
     folder = tmp_path_factory.mktemp("clip")
     tiny_tokenizer_files(folder)
@@ -26,9 +26,7 @@ def tiny_clip(tmp_path_factory):
     tok.save_pretrained(str(folder))
     torch.manual_seed(SEED)
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                         num_hidden_layers=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        text_config=tiny_text_config(tok),
         vision_config=dict(image_size=224, patch_size=32, hidden_size=32, intermediate_size=64,
                            num_attention_heads=4, num_hidden_layers=2),
         projection_dim=16, logit_scale_init_value=float(np.log(60.0)))
