@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ema", type=float, default=0.99)
+    ap.add_argument("--evals", type=int, default=5, help="how many times the fit is scored (besides step 0)")
+    ap.add_argument("--decay", action="store_true", help="cosine learning-rate decay to zero over --steps")
     ap.add_argument("--label", default=None, help="name of this fit's curve file (default from the options)")
     ap.add_argument("--plot", nargs="+", metavar="JSON", help="draw these curve files into --out instead of fitting")
     ap.add_argument("--out", default="ctm_direct_fit.png", help="the PNG of --plot")
@@ -96,23 +98,28 @@ def main() -> None:
     fine, heun17 = ref[f"fine_{p.sigma_min:g}"], cc.rms(ref["heun17"], ref[f"fine_{p.sigma_min:g}"])
     ema = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema))
     opt = torch.optim.RAdam(net.parameters(), lr=args.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps) if args.decay else None
     full = lambda n, v: torch.full((n,), float(v))  # noqa: E731
     gen = torch.Generator().manual_seed(0)
-    label = args.label or f"{'x'.join(map(str, width))}_{start_from}_b{args.batch}_lr{args.lr:g}"
+    label = args.label or (f"{'x'.join(map(str, width))}_{start_from}_b{args.batch}_lr{args.lr:g}"
+                           + ("_cosine" if args.decay else "") + ("" if args.steps == 3000 else f"_{args.steps}"))
     curve = {"label": label, "channels": width, "start": start_from, "parameters": size, "batch": args.batch,
-             "lr": args.lr, "ema": args.ema, "pairs": args.pairs, "teacher_heun17_rmse": heun17, "steps": [],
-             "rmse": []}
+             "lr": args.lr, "decay": "cosine" if args.decay else "none", "ema": args.ema, "pairs": args.pairs,
+             "teacher_heun17_rmse": heun17, "steps": [], "rmse": [], "train_rmse": []}
+    seen = torch.arange(min(args.n, args.pairs))  # training pairs, scored like the held-out noises (vs their targets)
     out = Path(args.run) / "eval" / f"ctm_direct_fit_{label}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     for step in range(args.steps + 1):
-        if step % max(1, args.steps // 5) == 0:
+        if step % max(1, args.steps // args.evals) == 0:
             with torch.no_grad():
                 jump = ema.module(d["z"], full(len(d["z"]), p.sigma_max), full(len(d["z"]), p.sigma_min))
-            r = cc.rms(jump, fine)
+                fit = ema.module(z[seen], full(len(seen), p.sigma_max), full(len(seen), p.sigma_min))
+            r, t = cc.rms(jump, fine), cc.rms(fit, y[seen])
             print(f"step {step}: held-out 1-step RMSE {r:.4f} = {r / heun17:.1f}x the teacher's 17-step Heun "
-                  f"({heun17:.4f}), {time.time() - start:.0f} s", flush=True)
+                  f"({heun17:.4f}); on training pairs {t:.4f}; {time.time() - start:.0f} s", flush=True)
             curve["steps"].append(step)
             curve["rmse"].append(r)
+            curve["train_rmse"].append(t)
             out.write_text(json.dumps(curve, indent=2))
         if step == args.steps:
             break
@@ -121,6 +128,8 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if sched:
+            sched.step()
         ema.update_parameters(net)
     print(f"wrote {out}")
 

@@ -282,7 +282,7 @@ def test_clipped_objective_is_ppo_and_the_baseline_kl_is_the_gaussian_kl(base_ru
     # clipped where the ratio moved past the clip in the advantage's favour: no gradient there
     assert torch.allclose(ratio.grad, torch.tensor([0.0, -1.0, 1.0, 0.0, -0.5]))
     # the KL term: mean over elements of KL(N(mu, s^2) || N(mu_ref, s^2)) = (mu - mu_ref)^2 / (2 s^2)
-    tr = trainer_for("flowgrpo_digits_class", base_run, tmp_path, "method.beta=1.0")
+    tr = trainer_for("flowgrpo_digits_class", base_run, tmp_path, "method.beta=0.5")
     with torch.no_grad():
         for q in tr.model.parameters():
             q.add_(0.01 * torch.randn_like(q))
@@ -295,7 +295,7 @@ def test_clipped_objective_is_ppo_and_the_baseline_kl_is_the_gaussian_kl(base_ru
         kl = torch.distributions.kl_divergence(torch.distributions.Normal(mu, s), torch.distributions.Normal(mu_ref, s))
         kls.append(kl.mean((1, 2, 3)).mean())
     assert torch.allclose(got["kl_ref"], torch.stack(kls).mean(), rtol=1e-4)
-    assert torch.allclose(got["loss"], torch.stack(kls).mean(), rtol=1e-4)   # A = 0: only the KL remains
+    assert torch.allclose(got["loss"], 0.5 * torch.stack(kls).mean(), rtol=1e-4)   # A = 0: only beta KL remains
 
 
 # ----------------------------------------------------------------------------- user errors

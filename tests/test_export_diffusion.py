@@ -119,3 +119,16 @@ def test_a_stock_scheduler_pipeline_without_cmgens_recipe_is_one_sentence(which,
     assert cli(["sample", str(folder), "--n", "2", "--out", str(out), "--threads", "1", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert RECIPE_FILE in err and "exported itself" in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_default_labels_are_j_mod_the_classes_not_the_embeddings_with_the_null_label():
+    """A CFG model has classes + 1 embeddings (the last is the null label); image j still gets label j % classes."""
+    from types import SimpleNamespace
+
+    from cmgen.pipelines import _class_labels
+
+    unet = SimpleNamespace(config=SimpleNamespace(num_class_embeds=11))
+    assert torch.equal(_class_labels(unet, None, 12, "cpu", 10), torch.arange(12) % 10)
+    assert torch.equal(_class_labels(unet, None, 12, "cpu"), torch.arange(12) % 11)   # no null label: all embeds
+    assert torch.equal(_class_labels(unet, 3, 4, "cpu", 10), torch.full((4,), 3))
+    assert _class_labels(SimpleNamespace(config=SimpleNamespace(num_class_embeds=None)), None, 4, "cpu") is None

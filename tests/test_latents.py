@@ -43,9 +43,11 @@ def test_cache_holds_posterior_samples_and_per_element_stats(cache, vae_dir):
     resid = (c.latents - post.mean) / post.std          # samples, not means: standard normal residuals
     assert 0.95 < resid.std().item() < 1.05 and abs(resid.mean().item()) < 0.02
     codec = LatentCodec(vae, c.mean, c.std)
+    assert codec.image_shape == (1, 8, 8)          # without a stored shape: latent side x 2^(levels - 1)
     x = codec.normalise(c.latents)
     assert torch.allclose(x.std(0), torch.full_like(c.std, 0.5), atol=1e-4)
     assert torch.allclose(x.mean(0), torch.zeros_like(c.mean), atol=1e-5)
+    assert torch.allclose(c.model_latents(), x, atol=1e-6)   # what the loop trains on: per-element std 0.5
     with torch.no_grad():
         direct = vae.decode(c.latents[:5]).sample.clamp(-1, 1)
     assert torch.allclose(codec.decode(x[:5]), direct, atol=1e-5)

@@ -102,6 +102,9 @@ def test_loss_equals_a_hand_computation_with_diffusers_ddim(cache, teacher, tmp_
         pred = tr.nets.model(z, t_s, batch.labels, w)
     want = (torch.sqrt((pred - target) ** 2 + 1e-6) - 1e-3).mean()
     assert got["loss"].item() == pytest.approx(want.item(), rel=1e-4)
+    # the pair itself (the loss alone barely moves when both sides shift together, e.g. z noised to t_e)
+    pred_got, target_got = tr.method.lcd_pair(tr.nets, tr._batch(0))
+    assert torch.allclose(pred_got, pred, atol=1e-5) and torch.allclose(target_got, target, atol=1e-5)
     assert not torch.allclose(target, tr.nets.model(z_prev, (t_s - 20).clamp(min=0), batch.labels, 0.0 * w))
 
 
@@ -159,6 +162,9 @@ def test_reward_term_is_minus_beta_r_of_the_decoded_student_output(cache, teache
     assert torch.allclose(leaf.grad, f1.grad - beta * f2.grad, atol=1e-7)
     assert f2.grad.abs().sum() > 0
     assert out["reward"].item() == pytest.approx(ink(m.decode(pred.detach())).mean().item(), rel=1e-5)
+    # decode is the codec's (denormalise, then the VAE), only differentiable and unclamped
+    with torch.no_grad():
+        assert torch.allclose(m.decode(pred).clamp(-1, 1), tr.gen.codec.decode(pred), atol=1e-5)
 
 
 def test_pairwise_kl_is_the_sum_over_pairs_of_kl_expert_to_lrm():

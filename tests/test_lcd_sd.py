@@ -62,16 +62,18 @@ def test_a_v_prediction_teacher_is_read_as_v_prediction(tiny_sd, tmp_path):
     assert torch.allclose(x0_e, (z - (1 - ab).sqrt() * raw) / ab.sqrt(), atol=1e-4)
 
 
-@pytest.mark.parametrize("steps", [2, 4])
-def test_text_student_exports_as_the_stock_lcm_pipeline_with_equal_latents(tiny_sd, tmp_path, steps):
+@pytest.mark.parametrize("steps, prediction", [(2, "epsilon"), (4, "epsilon"), (2, "v_prediction")])
+def test_text_student_exports_as_the_stock_lcm_pipeline_with_equal_latents(tiny_sd, tmp_path, steps, prediction):
     from diffusers import LatentConsistencyModelPipeline
 
     from cmgen.export_lcm import build_lcm_pipeline
     from cmgen.sampling.lcm import lcm_multistep
-    from cmgen.sd import encode_prompts
+    from cmgen.sd import encode_prompts, tiny_sd_pipeline
     from cmgen.vp import lcm_timesteps
 
-    tr = _trainer(tiny_sd, tmp_path, reward="ink")
+    if prediction != "epsilon":   # the scheduler's x_0 must follow the teacher's parameterisation
+        tiny_sd = tiny_sd_pipeline(tmp_path / "v_sd", prediction_type=prediction)
+    tr = _trainer(tiny_sd, tmp_path / "run", reward="ink", prediction_type=prediction)
     tr.train_step()
     gen = tr.eval_generator()
     pipe = build_lcm_pipeline(gen)

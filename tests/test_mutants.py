@@ -201,7 +201,7 @@ def test_rbf_mmd_is_the_unbiased_sum_over_bandwidths_of_gaussian_kernels():  # m
     assert mmd2_rbf(x, y, bandwidths=(0.2, 0.5)) == pytest.approx(want, rel=1e-12)
 
 
-def test_sd_codec_encodes_to_shifted_scaled_latents_and_defaults_to_sds_scale():  # mutants: shift sign, default
+def test_sd_codec_encodes_to_shifted_scaled_latents_and_defaults_to_sds_scale():  # mutants: shift sign, default, maps
     from types import SimpleNamespace
 
     from cmgen.latents import LatentCodec, sd_factors
@@ -211,6 +211,9 @@ def test_sd_codec_encodes_to_shifted_scaled_latents_and_defaults_to_sds_scale():
     z = torch.randn(3, 4, 4, 4)
     assert torch.allclose(codec.normalise(z), (z - 0.25) * 0.5)        # SD3's (z - shift) * scale
     assert torch.allclose(codec.denormalise(codec.normalise(z)), z, atol=1e-6)
+    # its mean/std maps are the equivalent per-element statistics: sigma_d (z - mean) / std is the same map
+    same = LatentCodec(vae, codec.mean, codec.std)
+    assert torch.allclose(same.normalise(z), codec.normalise(z), atol=1e-6)
     assert sd_factors(SimpleNamespace(config=SimpleNamespace())) == (0.18215, 0.0)   # SD 1.x, no shift
     assert sd_factors(SimpleNamespace(config=SimpleNamespace(scaling_factor=1.5305, shift_factor=0.0609))) == \
         (1.5305, 0.0609)
@@ -388,7 +391,7 @@ def test_mlp_time_embedding_is_diffusers_sinusoidal_with_cos_first():  # mutants
     assert torch.allclose(got[:, 15], torch.sin(t * math.exp(-math.log(10000) * 7 / 8)), atol=1e-6)
 
 
-def test_reward_shift_is_tuned_minus_base():  # mutant: base - tuned
+def test_reward_shift_is_tuned_minus_base():  # mutants: base - tuned, population std
     import numpy as np
 
     from cmgen.eval.frechet import FeatureStats
@@ -398,6 +401,8 @@ def test_reward_shift_is_tuned_minus_base():  # mutant: base - tuned
     stats.update(np.random.default_rng(0).normal(size=(50, 3)))
     tuned, base = reward_row("tuned", np.array([0.9, 0.7, 0.8])), reward_row("base", np.array([0.1, 0.3, 0.2]))
     assert shift_fields(tuned, base, stats, stats, "FD")["delta_vs_base"] == pytest.approx(0.6)
+    # the spread is the sample std (ddof 1) and the interval Student-t's: 0.8 -+ t(0.975, 2) 0.1 / sqrt(3)
+    assert tuned["std"] == pytest.approx(0.1) and tuned["ci95_high"] == pytest.approx(0.8 + 0.2484138, rel=1e-6)
 
 
 def test_jpeg_reward_enlarges_small_images_by_the_smallest_factor_reaching_32():  # mutant: factor floored

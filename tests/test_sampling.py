@@ -6,9 +6,9 @@ from cmgen.recipe import load_recipe
 from cmgen.sampling import consistency_multistep, default_sigmas, generate, per_image_noise
 
 
-def _model():
+def _model(*overrides):
     recipe = load_recipe("ict_digits", ["model.block_out_channels=[16,32]", "model.norm_num_groups=8",
-                                        "model.attention_head_dim=8"])
+                                        "model.attention_head_dim=8", *overrides])
     torch.manual_seed(0)
     return Generator.build(recipe, (1, 8, 8), 10).eval(), recipe
 
@@ -63,3 +63,44 @@ def test_default_sigmas_follow_the_recipe():
     assert default_sigmas(recipe, 2) == [80.0, 0.821]
     four = default_sigmas(recipe, 4)
     assert len(four) == 4 and four[0] == 80.0 and four == sorted(four, reverse=True)
+    # more steps than the recipe lists: a Karras grid (rho 7) from sigma_max down to the recipe's last sigma
+    ramp = torch.linspace(80.0 ** (1 / 7), 0.821 ** (1 / 7), 4) ** 7
+    assert torch.allclose(torch.tensor(four), ramp, rtol=1e-5)
+
+
+def test_a_sigmas_list_must_decrease_within_the_range():
+    import pytest
+
+    from cmgen.errors import UserError
+    from cmgen.sampling import parse_sigmas
+
+    assert parse_sigmas("80, 0.821", 0.002, 80.0) == [80.0, 0.821]
+    for bad in ("0.821,80", "80,80", "81", "80,0.001", "80,x"):
+        with pytest.raises(UserError, match="--sigmas"):
+            parse_sigmas(bad, 0.002, 80.0)
+
+
+def test_generate_labels_images_j_mod_classes_and_shards_partition_the_batches():
+    model, recipe = _model("model.class_conditional=true")
+    assert model.conditional
+    out = list(generate(model, 23, [80.0], seed=2, batch_size=5, progress=False))
+    x = torch.cat([b for b, _ in out])
+    assert torch.equal(torch.cat([y for _, y in out]), torch.arange(23) % 10)
+    given = (torch.arange(23) * 3) % 10
+    assert torch.equal(torch.cat([y for _, y in generate(model, 23, [80.0], batch_size=5, labels=given,
+                                                          progress=False)]), given)
+    # shard (rank, 3): batches rank, rank + 3, ... of the one-process run, exactly those images
+    batches = [list(generate(model, 23, [80.0], seed=2, batch_size=5, progress=False, shard=(r, 3)))
+               for r in range(3)]
+    assert [len(b) for b in batches] == [2, 2, 1]
+    for i in range(5):
+        assert torch.equal(batches[i % 3][i // 3][0], x[5 * i:5 * i + 5])
+
+
+def test_generate_autocasts_to_the_given_dtype():
+    model, recipe = _model()
+    sig = default_sigmas(recipe, 2)
+    full = _all(model, 4, sig, 0, 4)
+    half = torch.cat([b for b, _ in generate(model, 4, sig, seed=0, batch_size=4, progress=False,
+                                             autocast_dtype=torch.bfloat16)])
+    assert not torch.equal(full, half) and (full - half).abs().max() < 0.1

@@ -10,8 +10,6 @@ The condition c is a class label tensor (long, `class_labels`) or text embedding
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
@@ -98,11 +96,3 @@ class LatentConsistency(_VPNet):
         view = (-1,) + (1,) * (z.ndim - 1)
         return c_skip.view(view) * z.float() + c_out.view(view) * x0
 
-
-def student_unet(teacher_unet, w_dim: int = W_EMBED_DIM):
-    """The student UNet: the teacher's config with time_cond_proj_dim = w_dim, initialised from the teacher's
-    weights non-strictly (the w-embedding projection stays fresh), as diffusers' LCD script does."""
-    cls = type(teacher_unet)
-    unet = cls.from_config({**dict(teacher_unet.config), "time_cond_proj_dim": w_dim})
-    unet.load_state_dict(copy.deepcopy(teacher_unet.state_dict()), strict=False)
-    return unet
