@@ -423,3 +423,11 @@ def test_a_student_layout_other_than_the_teachers_is_one_sentence(cache, teacher
     r = dataclasses.replace(r, model=dataclasses.replace(r.model, block_out_channels=(16, 48)))
     with pytest.raises(UserError, match="recipe section 'model'"):
         Trainer(r, tmp_path, progress=False)
+
+
+def test_a_latent_diffusion_teacher_is_not_exported_but_says_how_to_sample_it(teacher, tmp_path, capsys):
+    out = tmp_path / "x"
+    assert cli(["export", str(teacher), "--to", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a ldm model" in err[0] and "cmgen sample" in err[0]
+    assert not out.exists()

@@ -98,6 +98,23 @@ def test_text_student_exports_as_the_stock_lcm_pipeline_with_equal_latents(tiny_
     assert torch.allclose(got, ours, atol=1e-5)
 
 
+
+def test_an_exported_text_student_is_sampled_with_diffusers_not_cmgen(tiny_sd, tmp_path, capsys):
+    """cmgen samples class-conditional LCM exports; a text student's stock pipeline is one sentence naming
+    diffusers' class, not a key error."""
+    from cmgen.cli import main as cli
+    from cmgen.export_lcm import export_lcm
+
+    out = tmp_path / "exported"
+    assert export_lcm(_trainer(tiny_sd, tmp_path / "run", reward="ink").eval_generator(), out) == \
+        "LatentConsistencyModelPipeline"
+    capsys.readouterr()
+    assert cli(["sample", str(out), "--n", "2", "--out", str(tmp_path / "s.png"), "--threads", "1",
+                "--no-progress", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "text-to-image LCM pipeline" in err[0] and "LatentConsistencyModelPipeline" in err[0]
+    assert not (tmp_path / "s.png").exists()
+
 def test_lrm_mode_pretrains_and_runs_on_text_latents(tiny_sd, tmp_path):
     tr = _trainer(tiny_sd, tmp_path, reward_mode="lrm", reward="jpeg-compressibility", lrm_pretrain_steps=1)
     student = {k: v.clone() for k, v in tr.gen.net.state_dict().items()}
