@@ -142,15 +142,18 @@ def plot(files, out) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=100)
     curves = [json.loads(Path(f).read_text()) for f in files]
     for c in curves:
-        ax.plot(c["steps"][1:], c["rmse"][1:], marker="o", label=f"{c['channels']} {c['start']} start "
-                f"({c['parameters'] / 1e6:.1f}M)")
+        decay = ", cosine lr" if c.get("decay") == "cosine" else ""
+        line, = ax.plot(c["steps"][1:], c["rmse"][1:], marker="o", label=f"{c['channels']} {c['start']} start "
+                        f"({c['parameters'] / 1e6:.1f}M, {c['pairs'] // 1000}k pairs{decay})")
+        if c.get("train_rmse"):   # the same fit on its own training pairs: the gap is generalisation
+            ax.plot(c["steps"][1:], c["train_rmse"][1:], ls=":", color=line.get_color())
     heun = curves[0]["teacher_heun17_rmse"]
     ax.axhline(heun, color="g", ls="--", label=f"teacher 17-step Heun ({heun:.3f})")
     ax.axhline(1.5 * heun, color="r", ls="--", label=f"1.5x the teacher's Heun ({1.5 * heun:.3f})")
     ax.set_ylim(0, None)
     ax.set_xlabel("step")
     ax.set_ylabel("1-step RMSE against the fine ODE solve")
-    ax.set_title("direct regression onto the teacher's ODE endpoints", fontsize=10)
+    ax.set_title("direct regression onto the teacher's ODE endpoints (dotted: on its training pairs)", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
