@@ -102,7 +102,7 @@ def main() -> None:
     full = lambda n, v: torch.full((n,), float(v))  # noqa: E731
     gen = torch.Generator().manual_seed(0)
     label = args.label or (f"{'x'.join(map(str, width))}_{start_from}_b{args.batch}_lr{args.lr:g}"
-                           + ("_cosine" if args.decay else "") + ("" if args.steps == 3000 else f"_{args.steps}"))
+                           + ("_cosine" if args.decay else "") + ("" if args.steps == ap.get_default("steps") else f"_{args.steps}"))
     curve = {"label": label, "channels": width, "start": start_from, "parameters": size, "batch": args.batch,
              "lr": args.lr, "decay": "cosine" if args.decay else "none", "ema": args.ema, "pairs": args.pairs,
              "teacher_heun17_rmse": heun17, "steps": [], "rmse": [], "train_rmse": []}
@@ -145,7 +145,7 @@ def plot(files, out) -> None:
         decay = ", cosine lr" if c.get("decay") == "cosine" else ""
         line, = ax.plot(c["steps"][1:], c["rmse"][1:], marker="o", label=f"{c['channels']} {c['start']} start "
                         f"({c['parameters'] / 1e6:.1f}M, {c['pairs'] // 1000}k pairs{decay})")
-        if c.get("train_rmse"):   # the same fit on its own training pairs: the gap is generalisation
+        if c.get("train_rmse"):   # the same fit on 100 of its own training pairs, against their targets
             ax.plot(c["steps"][1:], c["train_rmse"][1:], ls=":", color=line.get_color())
     heun = curves[0]["teacher_heun17_rmse"]
     ax.axhline(heun, color="g", ls="--", label=f"teacher 17-step Heun ({heun:.3f})")

@@ -28,6 +28,14 @@ class PrecondConfig:
     c_noise: str = "cm"             # cm: 250 ln(sigma) | edm: 0.25 ln(sigma)
 
 
+def sampling_sigmas_ok(values, sigma_min: float, sigma_max: float) -> bool:
+    """Whether `values` can be a sampling schedule: at least one, strictly decreasing, in (sigma_min, sigma_max]
+    (recipe key sample.sigmas and `cmgen sample --sigmas`)."""
+    values = list(values)
+    return (bool(values) and all(sigma_min < v <= sigma_max for v in values)
+            and all(a > b for a, b in zip(values, values[1:])))
+
+
 def c_skip(sigma, sigma_min: float, sigma_data: float):
     return sigma_data**2 / ((sigma - sigma_min) ** 2 + sigma_data**2)
 

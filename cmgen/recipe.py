@@ -16,7 +16,7 @@ from typing import Any, Optional
 import yaml
 
 from cmgen.errors import UserError
-from cmgen.precond import PrecondConfig
+from cmgen.precond import PrecondConfig, sampling_sigmas_ok
 
 
 def _recipe_dir() -> Path:
@@ -399,7 +399,7 @@ def validate(r: Recipe) -> None:
     need(r.sample.shift > 0 and r.sample.churn >= 0 and r.sample.sde_a > 0,
          "recipe keys 'sample.shift' and 'sample.sde_a' must be positive and 'sample.churn' at least 0")
     s = r.sample.sigmas
-    need(len(s) >= 1 and all(p.sigma_min < v <= p.sigma_max for v in s) and list(s) == sorted(s, reverse=True),
+    need(sampling_sigmas_ok(s, p.sigma_min, p.sigma_max),
          f"recipe key 'sample.sigmas' must be decreasing values in (sigma_min, sigma_max], got {list(s)}")
 
 

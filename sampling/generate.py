@@ -7,6 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cmgen.errors import UserError
+from cmgen.precond import sampling_sigmas_ok
 from cmgen.sampling.multistep import per_image_noise
 
 
@@ -31,8 +32,7 @@ def parse_sigmas(text: str, sigma_min: float, sigma_max: float) -> list[float]:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise UserError(f"--sigmas must be comma-separated numbers like 80,0.821, got '{text}'") from None
-    if (not values or any(not (sigma_min < v <= sigma_max) for v in values)
-            or any(a <= b for a, b in zip(values, values[1:]))):
+    if not sampling_sigmas_ok(values, sigma_min, sigma_max):
         raise UserError(f"--sigmas must be decreasing values in ({sigma_min}, {sigma_max}], got '{text}'")
     return values
 

@@ -109,6 +109,7 @@ def test_base_recipes_merge_key_by_key_and_refuse_loops(tmp_path):
     ("ict_digits", "train.steps=true", ["'train.steps'", "integer", "True"]),           # a YAML bool is not an int
     ("ict_digits", "optim.betas=[0.9]", ["'optim.betas'", "2 entries", "got 1"]),
     ("ict_digits", "sample.sigmas=[0.5,80]", ["'sample.sigmas'", "decreasing"]),
+    ("ict_digits", "sample.sigmas=[80,80]", ["'sample.sigmas'", "decreasing"]),
     ("ict_digits", "train.ema_decay=1.0", ["'train.ema_decay'", "[0, 1)"]),             # an EMA that never moves
     ("ict_digits", "sample.gamma=1.5", ["'sample.gamma'", "[0, 1]"]),
     ("ctm_digits", "method.gan_period=1", ["'method.gan_period'", "at least 2"]),       # the method's own check

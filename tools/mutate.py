@@ -41,7 +41,7 @@ SD3 = ["tests/test_awm_lora.py", "tests/test_awm.py", "tests/test_mutants.py"]
 EVAL_CLI = ["tests/test_eval_cli.py", "tests/test_eval_sanity.py", "tests/test_eval_sources.py", "tests/test_eval_features.py",
             "tests/test_eval_rewards.py", "tests/test_eval_inloop.py", "tests/test_mutants.py"]
 TESTS = {
-    "cmgen/precond.py": CORE + ["tests/test_edm_flow.py"] + CTM_FILE,
+    "cmgen/precond.py": CORE + ["tests/test_edm_flow.py", "tests/test_sampling.py", "tests/test_recipes.py"] + CTM_FILE,
     "cmgen/schedules.py": CORE,
     "cmgen/losses.py": CORE,
     "cmgen/methods/ict.py": CORE,
@@ -569,7 +569,7 @@ MUTANTS = [
     M("generate: karras tail to sigma_min", "sampling/generate.py", "lo = sig[-1] if len(sig) > 1 else 0.5", "lo = p.sigma_min"),
     M("generate: karras grid increasing", "sampling/generate.py", "grid = karras_sigmas(steps, lo, p.sigma_max, p.rho).flip(0)", "grid = karras_sigmas(steps, lo, p.sigma_max, p.rho)"),
     M("generate: autocast never on", "sampling/generate.py", "enabled=autocast_dtype is not None)", "enabled=False)"),
-    M("generate: --sigmas order unchecked", "sampling/generate.py", "            or any(a <= b for a, b in zip(values, values[1:]))):", "            ):"),
+    M("sampling sigmas: repeated values accepted", "cmgen/precond.py", "all(a > b for a, b in zip(values, values[1:]))", "all(a >= b for a, b in zip(values, values[1:]))"),
     M("generate: a shard makes every batch from its rank on", "sampling/generate.py", "starts = list(range(0, n, batch_size))[rank::world]", "starts = list(range(0, n, batch_size))[rank:]"),
     M("pipeline labels: modulo the embeddings (null label included)", "cmgen/pipelines.py", "class_labels = torch.arange(batch_size) % (num_classes or embeds)", "class_labels = torch.arange(batch_size) % embeds"),
     M("flow-grpo log prob: summed over elements", "cmgen/methods/flowgrpo.py", "    return per.flatten(1).mean(1)\n", "    return per.flatten(1).sum(1)\n"),
