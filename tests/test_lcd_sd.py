@@ -109,8 +109,7 @@ def test_an_exported_text_student_is_sampled_with_diffusers_not_cmgen(tiny_sd, t
     assert export_lcm(_trainer(tiny_sd, tmp_path / "run", reward="ink").eval_generator(), out) == \
         "LatentConsistencyModelPipeline"
     capsys.readouterr()
-    assert cli(["sample", str(out), "--n", "2", "--out", str(tmp_path / "s.png"), "--threads", "1",
-                "--no-progress", "--device", "cpu"]) == 2
+    assert cli(["sample", str(out), "--n", "2", "--out", str(tmp_path / "s.png")] + FAST) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "text-to-image LCM pipeline" in err[0] and "LatentConsistencyModelPipeline" in err[0]
     assert not (tmp_path / "s.png").exists()

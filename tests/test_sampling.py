@@ -1,4 +1,5 @@
 """The sampler: deterministic per seed, 1 step is f(sigma_max z), batching does not change images."""
+import pytest
 import torch
 
 from cmgen.generator import Generator
@@ -13,8 +14,9 @@ def _model(*overrides):
     return Generator.build(recipe, (1, 8, 8), 10).eval(), recipe
 
 
-def _all(gen, n, sigmas, seed, batch_size):
-    return torch.cat([x for x, _ in generate(gen, n, sigmas, seed=seed, batch_size=batch_size, progress=False)])
+def _all(gen, n, sigmas, seed, batch_size, **options):
+    return torch.cat([x for x, _ in generate(gen, n, sigmas, seed=seed, batch_size=batch_size, progress=False,
+                                             **options)])
 
 
 def test_sampling_is_deterministic_for_a_seed_and_differs_across_seeds():
@@ -69,8 +71,6 @@ def test_default_sigmas_follow_the_recipe():
 
 
 def test_a_sigmas_list_must_decrease_within_the_range():
-    import pytest
-
     from cmgen.errors import UserError
     from cmgen.sampling import parse_sigmas
 
@@ -101,6 +101,5 @@ def test_generate_autocasts_to_the_given_dtype():
     model, recipe = _model()
     sig = default_sigmas(recipe, 2)
     full = _all(model, 4, sig, 0, 4)
-    half = torch.cat([b for b, _ in generate(model, 4, sig, seed=0, batch_size=4, progress=False,
-                                             autocast_dtype=torch.bfloat16)])
+    half = _all(model, 4, sig, 0, 4, autocast_dtype=torch.bfloat16)
     assert not torch.equal(full, half) and (full - half).abs().max() < 0.1
