@@ -13,6 +13,10 @@ from pathlib import Path
 
 from cmgen.errors import UserError
 
+# each parameterisation's samplers, its default first (a test checks this against cmgen.sampling.SAMPLERS)
+SAMPLER_HELP = ("cm: multistep; edm: heun, euler; flow: euler, sde; ctm: gamma, multistep, heun; ldm: ddim; "
+                "lcm: lcm (the first of a kind is its default, unless the recipe's sample.sampler names another)")
+
 EPILOG = "Recipes are YAML files; `cmgen recipes` lists the shipped ones. Docs: README.md."
 
 
@@ -257,8 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run folder, checkpoints/step-N folder or pipeline folder")
     s.add_argument("--steps", type=int, default=None, help="number of sampling steps (default: the recipe's "
                    "sample.steps; consistency models take 1 or 2 from the recipe's sigmas)")
-    s.add_argument("--sampler", default=None, help="cm: multistep; edm: heun (default), euler; flow: euler "
-                   "(default), sde")
+    s.add_argument("--sampler", default=None, help=SAMPLER_HELP)
     s.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (class-conditional models "
                    "trained with method.label_dropout; default 1 = off)")
     s.add_argument("--sigmas", metavar="S1,S2,...", help="consistency models: explicit decreasing noise levels, "

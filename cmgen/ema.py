@@ -13,9 +13,9 @@ class EMA:
         self.shadow = [p.detach().clone().float() for p in _trainable(model)]
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, decay=None) -> None:
+    def update(self, model: torch.nn.Module) -> None:
         params = [p.detach().float() for p in _trainable(model)]
-        torch._foreach_lerp_(self.shadow, params, 1.0 - (self.decay if decay is None else decay))
+        torch._foreach_lerp_(self.shadow, params, 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, self.shadow))

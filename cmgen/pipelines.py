@@ -199,11 +199,12 @@ class _GuidedPipeline(DiffusionPipeline):
     samplers: tuple[str, ...] = ()
 
     def __init__(self, unet, scheduler, null_label: Optional[int] = None, num_classes: Optional[int] = None,
-                 default_sampler: Optional[str] = None, default_steps: int = 1):
+                 default_sampler: Optional[str] = None, default_steps: int = 1, default_options: Optional[dict] = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(null_label=null_label, num_classes=num_classes,
-                                default_sampler=default_sampler or self.samplers[0], default_steps=default_steps)
+                                default_sampler=default_sampler or self.samplers[0], default_steps=default_steps,
+                                default_options=dict(default_options or {}))
 
     def _raw(self, x, t, labels, guidance_scale: float):
         """The UNet's output F, guided as uncond + w (cond - uncond) (D and v are affine in F)."""
@@ -233,8 +234,10 @@ class _GuidedPipeline(DiffusionPipeline):
         """Images from `num_inference_steps` steps of `sampler` (defaults: the recipe's).
 
         Class-conditional models without `class_labels` use label j % num_classes for image j, as
-        `cmgen sample` does. `options`: churn (EDM Heun), sde_a (flow SDE).
+        `cmgen sample` does. `options`: churn (EDM Heun), sde_a (flow SDE); unset ones are the run's recipe
+        values (`default_options`, written by `cmgen export`).
         """
+        options = {**(self.config.default_options or {}), **options}
         device = self._execution_device
         sampler = sampler or self.config.default_sampler
         steps = num_inference_steps or self.config.default_steps

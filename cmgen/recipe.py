@@ -96,7 +96,7 @@ class OptimConfig:
 class SampleConfig:
     sigmas: tuple[float, ...] = (80.0, 0.821)   # consistency models: the first entry is sigma_max
     clip_denoised: bool = True      # consistency models: clamp each estimate to [-1, 1] (images)
-    sampler: Optional[str] = None   # default sampler (cm: multistep, edm: heun, flow: euler)
+    sampler: Optional[str] = None   # default sampler (cm: multistep, edm: heun, flow: euler, ctm: gamma, ...)
     steps: int = 1                  # `cmgen sample` without --steps
     churn: float = 0.0              # edm heun: S_churn (0 = deterministic Algorithm 1)
     shift: float = 1.0              # flow: SD3 timestep shift of the sampling times

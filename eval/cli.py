@@ -5,6 +5,7 @@ import argparse
 import os
 from pathlib import Path
 
+from cmgen.cli import SAMPLER_HELP
 from cmgen.errors import UserError
 
 FEATURES_HELP = ("feature space: auto (digits for 8x8 grey images, points for 2-D data, inception otherwise), "
@@ -376,8 +377,7 @@ def _common(p, samples: bool = True) -> None:
     p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default 100)")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (default 1000)")
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw training weights instead of the EMA")
-    p.add_argument("--sampler", default=None, help="sampler of a model (cm: multistep; edm: heun, euler; flow: euler, "
-                   "sde; default: the recipe's)")
+    p.add_argument("--sampler", default=None, help=f"sampler of a model: {SAMPLER_HELP}")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (models trained with "
                    "method.label_dropout; default 1 = off)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps or xpu (default: the first of cuda, mps, xpu present, else cpu)")

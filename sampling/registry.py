@@ -95,6 +95,8 @@ def _run_ctm_heun(net, noise, times, labels, gen, opt):
     from cmgen.sampling.edm import edm_heun
 
     return edm_heun(net.denoise, noise, times, class_labels=labels)
+
+
 def _ddim_times(recipe, steps):
     from cmgen.vp import ddim_timesteps
 

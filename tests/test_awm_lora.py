@@ -60,17 +60,21 @@ def test_reference_is_the_base_transformer_with_the_adapter_off(lora_run):
     assert bb.transformer.active_adapters()                # and is switched back on
 
 
-def test_export_is_base_plus_adapter_that_diffusers_loads(lora_run):
+def test_export_is_base_plus_adapter_that_diffusers_loads(lora_run, capsys):
     from diffusers import StableDiffusion3Pipeline
 
-    from cmgen.export import export_model
+    from cmgen.cli import main as cli
     from cmgen.runs import load_model
 
     tr, out = lora_run
-    res = export_model(out / "run", out / "export")
-    assert (res.folder / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    pipe = StableDiffusion3Pipeline.from_pretrained(res.folder)
-    pipe.load_lora_weights(res.folder / "lora")
+    folder = out / "export"
+    assert cli(["export", str(out / "run"), "--to", str(folder)]) == 0
+    assert (folder / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    printed = capsys.readouterr().out                      # the CLI says how to load both parts
+    assert f"DiffusionPipeline.from_pretrained('{folder}')" in printed
+    assert f"pipe.load_lora_weights('{folder / 'lora'}')" in printed
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    pipe.load_lora_weights(folder / "lora")
     ours = load_model(out / "run", ema=True)
     x, t, y = probe(ours.shape)
     bb = ours.net.backbone

@@ -181,3 +181,14 @@ def test_dry_run_prints_the_resolved_recipe_with_overrides(capsys):
     assert code == 0
     tree = yaml.safe_load(out)
     assert tree["train"]["steps"] == 2000 and tree["optim"]["lr"] == 2e-4 and tree["method"]["name"] == "ict"
+
+
+def test_sampler_help_lists_every_sampler_with_its_default_first():
+    from cmgen.cli import SAMPLER_HELP
+    from cmgen.sampling import DEFAULT_SAMPLER, SAMPLERS
+
+    listed = dict(part.split(": ") for part in SAMPLER_HELP.split(" (")[0].split("; "))
+    assert set(listed) == set(SAMPLERS)
+    for kind, names in listed.items():
+        names = names.split(", ")
+        assert sorted(names) == sorted(SAMPLERS[kind]) and names[0] == DEFAULT_SAMPLER[kind], kind

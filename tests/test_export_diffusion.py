@@ -31,7 +31,7 @@ def _cmgen(target, sampler: str, steps: int, n: int, seed: int, tmp: Path, cfg: 
     return torch.from_numpy(np.load(out)["samples"] / 2 + 0.5).clamp(0, 1)  # the pipeline's convention
 
 
-def _pipe(folder: Path, sampler: str, steps: int, n: int, seed: int, cfg: float = 1.0) -> torch.Tensor:
+def _pipe(folder: Path, sampler: str, steps: int, n: int, seed: int, cfg: float = 1.0, **options) -> torch.Tensor:
     from cmgen.pipelines import CMGenEDMPipeline, CMGenFlowPipeline
 
     cls = {"CMGenEDMPipeline": CMGenEDMPipeline, "CMGenFlowPipeline": CMGenFlowPipeline}[
@@ -40,7 +40,7 @@ def _pipe(folder: Path, sampler: str, steps: int, n: int, seed: int, cfg: float 
     pipe.set_progress_bar_config(disable=True)
     gens = [torch.Generator().manual_seed(seed + j) for j in range(n)]
     return pipe(batch_size=n, num_inference_steps=steps, sampler=sampler, guidance_scale=cfg, generator=gens,
-                output_type="pt").images
+                output_type="pt", **options).images
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,20 @@ def test_pipeline_equals_cmgen_sample(which, sampler, steps, cfg, seed, request,
     assert ours.std() > 0.05
     assert (ours - theirs).abs().max().item() <= TOL
 
+
+
+@pytest.mark.parametrize("recipe,sampler,key,value,default", [("edm_digits", "heun", "churn", 5.0, 0.0),
+                                                              ("fm_digits", "sde", "sde_a", 0.3, 0.7)])
+def test_pipeline_samples_with_the_runs_churn_and_sde_a(recipe, sampler, key, value, default, tmp_path):
+    """A recipe's sample.churn / sample.sde_a are the exported pipeline's defaults, as they are `cmgen sample`'s."""
+    run = _train(recipe, tmp_path / "run", f"sample.{key}={value}")
+    folder = tmp_path / "pipe"
+    assert cli(["export", str(run), "--to", str(folder)]) == 0
+    assert json.loads((folder / "model_index.json").read_text())["default_options"] == {key: value}
+    ours, theirs = _cmgen(run, sampler, 3, 4, 3, tmp_path), _pipe(folder, sampler, 3, 4, 3)
+    assert (ours - theirs).abs().max().item() <= TOL
+    assert (_pipe(folder, sampler, 3, 4, 3, **{key: value}) - theirs).abs().max().item() == 0
+    assert (_pipe(folder, sampler, 3, 4, 3, **{key: default}) - theirs).abs().max().item() > 1e-3
 
 @pytest.mark.parametrize("which", ["edm", "flow"])
 def test_exported_folder_loads_as_the_same_generator(which, edm, flow, tmp_path):

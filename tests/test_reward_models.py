@@ -149,6 +149,17 @@ def test_hpsv21_reads_the_checkpoints_state_dict_into_vit_h14_and_scores_the_nor
         r(x, PROMPTS[:2])
 
 
+
+def test_hpsv21_without_open_clip_is_one_sentence_naming_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)               # import open_clip raises ImportError
+    weights = tmp_path / "HPS_v2.1_compressed.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, weights)
+    with pytest.raises(UserError) as err:
+        build_reward("hpsv2.1", hpsv21=str(weights))
+    assert "cmgen[hps]" in str(err.value) and "\n" not in str(err.value)
+
 def test_imagereward_needs_its_checkpoint_file_and_med_config_beside_it(tmp_path):
     for given in (tmp_path, tmp_path / "ImageReward.pt"):            # a folder; the file without med_config.json
         (tmp_path / "ImageReward.pt").write_bytes(b"weights")

@@ -82,7 +82,7 @@ TESTS = {
     "cmgen/methods/edm.py": ["tests/test_edm_flow.py", "tests/test_mutants.py"],
     "cmgen/methods/flow.py": ["tests/test_edm_flow.py", "tests/test_mutants.py"],
     "cmgen/methods/flowgrpo.py": AWM,
-    "sampling/registry.py": SAMPLING + ["tests/test_ctm_loading.py"],
+    "sampling/registry.py": SAMPLING + ["tests/test_ctm_loading.py", "tests/test_export_diffusion.py"],
     "cmgen/pipelines.py": ["tests/test_ctm_loading.py", "tests/test_export.py", "tests/test_export_diffusion.py",
                            "tests/test_mutants.py"],
     "cmgen/data/__init__.py": ["tests/test_data.py", "tests/test_mutants.py"],
@@ -177,8 +177,8 @@ MUTANTS = [
     M("ict: loss weight dropped", "cmgen/methods/ict.py", "\"loss\": (p.weight * dist).mean()", "\"loss\": dist.mean()"),
     M("ict: curriculum K from the stored config ignored", "cmgen/methods/ict.py", "self.total_steps = self.cfg.total_steps or recipe.train.steps", "self.total_steps = recipe.train.steps"),
     # EMA
-    M("ema: does not move", "cmgen/ema.py", "torch._foreach_lerp_(self.shadow, params, 1.0 - (self.decay if decay is None else decay))", "pass"),
-    M("ema: moves the wrong way (weight = decay)", "cmgen/ema.py", "params, 1.0 - (self.decay if decay is None else decay))", "params, (self.decay if decay is None else decay))"),
+    M("ema: does not move", "cmgen/ema.py", "torch._foreach_lerp_(self.shadow, params, 1.0 - self.decay)", "pass"),
+    M("ema: moves the wrong way (weight = decay)", "cmgen/ema.py", "params, 1.0 - self.decay)", "params, self.decay)"),
     M("target network: decay inverted", "cmgen/ema.py", "for p, q in zip(theirs, ours)], 1.0 - self.decay_at(step))", "for p, q in zip(theirs, ours)], self.decay_at(step))"),
     # keyed RNG
     M("rng: draws ignore the step", "cmgen/rng.py", "keyed_generator(self.seed, self.step, *self.stream, \"draw\", self._draws, device=self.device)", "keyed_generator(self.seed, *self.stream, \"draw\", self._draws, device=self.device)"),
@@ -584,6 +584,20 @@ MUTANTS = [
     M("lcm export: linear betas", "cmgen/export_lcm.py", "beta_schedule=\"scaled_linear\", prediction_type=m.prediction_type", "beta_schedule=\"linear\", prediction_type=m.prediction_type"),
     M("lcm export: prediction type always epsilon", "cmgen/export_lcm.py", "prediction_type=m.prediction_type,", "prediction_type=\"epsilon\","),
     M("lcm export: default guidance 1", "cmgen/export_lcm.py", "default_guidance=m.guidance, num_classes", "default_guidance=1.0, num_classes"),
+    # round 15: EDM Algorithm 2 (churn), the samplers' recipe options and the pipelines' defaults, LCM / DDIM steps
+    M("heun churn: gamma not capped at sqrt(2) - 1", "sampling/edm.py", "gamma = min(churn / steps, math.sqrt(2.0) - 1.0) if", "gamma = churn / steps if"),
+    M("heun churn: S_churn not divided by N", "sampling/edm.py", "gamma = min(churn / steps, math.sqrt(2.0) - 1.0) if", "gamma = min(churn, math.sqrt(2.0) - 1.0) if"),
+    M("heun churn: noise std without sqrt", "sampling/edm.py", "x = x + math.sqrt(t_hat**2 - t**2) * s_noise * noise(i + 1).float()", "x = x + (t_hat**2 - t**2) * s_noise * noise(i + 1).float()"),
+    M("heun churn: s_noise ignored", "sampling/edm.py", "x = x + math.sqrt(t_hat**2 - t**2) * s_noise * noise(i + 1).float()", "x = x + math.sqrt(t_hat**2 - t**2) * noise(i + 1).float()"),
+    M("heun churn: denoised at t, not t_hat", "sampling/edm.py", "        denoised = D(x, t_hat)\n", "        denoised = D(x, t)\n"),
+    M("heun nfe: the last step counted twice", "sampling/edm.py", "return 2 * steps - sum(1 for s in sigmas[1:] if s == 0)", "return 2 * steps"),
+    M("heun sampler: the recipe's churn ignored", "sampling/registry.py", "churn=opt.get(\"churn\", gen.recipe.sample.churn)", "churn=opt.get(\"churn\", 0.0)"),
+    M("sde sampler: the recipe's sde_a ignored", "sampling/registry.py", "a=opt.get(\"sde_a\", gen.recipe.sample.sde_a)", "a=opt.get(\"sde_a\", 0.7)"),
+    M("pipelines: the run's sampler options ignored", "cmgen/pipelines.py", "options = {**(self.config.default_options or {}), **options}", "options = dict(options)"),
+    M("export: the recipe's churn not stored", "cmgen/export.py", "default_options={\"churn\": s.churn} if", "default_options={\"churn\": 0.0} if"),
+    M("lcm sampling: renoised to the previous timestep", "sampling/lcm.py", "ab = alphas_cumprod[int(t)].to(z.device)", "ab = alphas_cumprod[int(timesteps[k - 1])].to(z.device)"),
+    M("lcm sampling: returns the noised input", "sampling/lcm.py", "    return denoised\n", "    return z\n"),
+    M("ddim: each step to its own timestep", "sampling/ddim.py", "prev = int(timesteps[i + 1]) if", "prev = int(timesteps[i]) if"),
 ]
 
 # mutants that change no observable behaviour, with the reason (checked by hand)

@@ -186,7 +186,7 @@ def hpsv21(hpsv21: Optional[str] = None, device="cpu") -> Reward:
     try:
         import open_clip
     except ImportError:
-        raise UserError("reward hpsv2.1 needs the 'open_clip' package; pip install open-clip-torch") from None
+        raise UserError("reward hpsv2.1 needs the 'open_clip' package; pip install 'cmgen[hps]' (open-clip-torch)") from None
     model, _, _ = open_clip.create_model_and_transforms("ViT-H-14", pretrained=None, device=device)
     model.load_state_dict(state.get("state_dict", state))
     model.eval().requires_grad_(False)
