@@ -232,7 +232,7 @@ def _diffusion_pipeline(unet, lm):
     return pipeline_class(unet=unet, scheduler=sched, null_label=lm.null_label,
                           num_classes=lm.num_classes or None, default_sampler=lm.sampler().name,
                           default_steps=s.steps,
-                          default_options={"churn": s.churn} if lm.parameterisation == "edm" else {"sde_a": s.sde_a})
+                          default_options={k: getattr(s, k) for k in pipeline_class.option_names})
 
 
 def _write_sidecar_files(folder: Path, lm, pipe, grid: Optional[KarrasGrid], ema: bool) -> None:

@@ -197,6 +197,7 @@ class _GuidedPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "unet"
     samplers: tuple[str, ...] = ()
+    option_names: tuple[str, ...] = ()  # the recipe's sample.* keys its samplers read (stored by `cmgen export`)
 
     def __init__(self, unet, scheduler, null_label: Optional[int] = None, num_classes: Optional[int] = None,
                  default_sampler: Optional[str] = None, default_steps: int = 1, default_options: Optional[dict] = None):
@@ -235,9 +236,12 @@ class _GuidedPipeline(DiffusionPipeline):
 
         Class-conditional models without `class_labels` use label j % num_classes for image j, as
         `cmgen sample` does. `options`: churn (EDM Heun), sde_a (flow SDE); unset ones are the run's recipe
-        values (`default_options`, written by `cmgen export`).
+        values (`default_options`, written by `cmgen export`), else the recipe defaults.
         """
-        options = {**(self.config.default_options or {}), **options}
+        from cmgen.recipe import SampleConfig
+
+        options = {**{k: getattr(SampleConfig, k) for k in self.option_names}, **(self.config.default_options or {}),
+                   **options}
         device = self._execution_device
         sampler = sampler or self.config.default_sampler
         steps = num_inference_steps or self.config.default_steps
@@ -259,6 +263,7 @@ class CMGenEDMPipeline(_GuidedPipeline):
     """
 
     samplers = ("heun", "euler")
+    option_names = ("churn",)
 
     def denoiser(self):
         from cmgen.models.unet import UNetBackbone
@@ -276,7 +281,7 @@ class CMGenEDMPipeline(_GuidedPipeline):
         if sampler == "heun":
             sigmas = edm_sigmas(steps, c.sigma_min, c.sigma_max, c.rho)
             return edm_heun(self._guided(self.denoiser(), guidance_scale), noise, sigmas, class_labels=labels,
-                            churn=float(options.get("churn", 0.0)))
+                            churn=float(options["churn"]))
         sched.set_timesteps(steps, device=self._execution_device)
         x = noise(0).float() * sched.sigmas[0]
         for t in sched.timesteps:
@@ -293,6 +298,7 @@ class CMGenFlowPipeline(_GuidedPipeline):
     """
 
     samplers = ("euler", "sde")
+    option_names = ("sde_a",)
 
     def velocity(self):
         from cmgen.models.unet import UNetBackbone
@@ -309,7 +315,7 @@ class CMGenFlowPipeline(_GuidedPipeline):
         if sampler == "sde":
             return flow_sde(self._guided(self.velocity(), guidance_scale), noise,
                             flow_times(steps, sched.config.shift), class_labels=labels,
-                            a=float(options.get("sde_a", 0.7)))
+                            a=float(options["sde_a"]))
         sched.set_timesteps(sigmas=list(np.linspace(1.0, 0.0, steps + 1)[:-1]), device=self._execution_device)
         x = noise(0).float()
         for t in sched.timesteps:

@@ -593,8 +593,8 @@ MUTANTS = [
     M("heun nfe: the last step counted twice", "sampling/edm.py", "return 2 * steps - sum(1 for s in sigmas[1:] if s == 0)", "return 2 * steps"),
     M("heun sampler: the recipe's churn ignored", "sampling/registry.py", "churn=opt.get(\"churn\", gen.recipe.sample.churn)", "churn=opt.get(\"churn\", 0.0)"),
     M("sde sampler: the recipe's sde_a ignored", "sampling/registry.py", "a=opt.get(\"sde_a\", gen.recipe.sample.sde_a)", "a=opt.get(\"sde_a\", 0.7)"),
-    M("pipelines: the run's sampler options ignored", "cmgen/pipelines.py", "options = {**(self.config.default_options or {}), **options}", "options = dict(options)"),
-    M("export: the recipe's churn not stored", "cmgen/export.py", "default_options={\"churn\": s.churn} if", "default_options={\"churn\": 0.0} if"),
+    M("pipelines: the run's sampler options ignored", "cmgen/pipelines.py", "**(self.config.default_options or {}),\n", "\n"),
+    M("export: the recipe's sampler options not stored", "cmgen/export.py", "default_options={k: getattr(s, k) for k in pipeline_class.option_names}", "default_options={}"),
     M("lcm sampling: renoised to the previous timestep", "sampling/lcm.py", "ab = alphas_cumprod[int(t)].to(z.device)", "ab = alphas_cumprod[int(timesteps[k - 1])].to(z.device)"),
     M("lcm sampling: returns the noised input", "sampling/lcm.py", "    return denoised\n", "    return z\n"),
     M("ddim: each step to its own timestep", "sampling/ddim.py", "prev = int(timesteps[i + 1]) if", "prev = int(timesteps[i]) if"),
@@ -634,9 +634,6 @@ def private_copy() -> Path:
 def run_one(m: Mutant, timeout: int, python: str, root: Path) -> tuple[str, float]:
     path = root / m.file
     original = path.read_text()
-    count = original.count(m.old)
-    if count != 1:
-        return f"snippet found {count} times (update the mutant)", 0.0
     path.write_text(original.replace(m.old, m.new))
     # CMGEN_TEST_THREADS=2: the pinned iCT checksums were taken at two threads (they differ at one)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=str(root), CMGEN_TEST_THREADS="2")
