@@ -22,9 +22,9 @@ REPORTED = ("fd", "precision", "recall", "kid", "swd", "mmd2")
 
 
 def _feature_net(recipe, shape, device) -> FeatureNet:
-    key = (recipe.eval.features, tuple(shape), str(device))
+    key = (recipe.eval.features, recipe.eval.mode, tuple(shape), str(device))
     if key not in _NETS:
-        _NETS[key] = build_feature_net(recipe.eval.features, tuple(shape), device=device)
+        _NETS[key] = build_feature_net(recipe.eval.features, tuple(shape), mode=recipe.eval.mode, device=device)
     return _NETS[key]
 
 

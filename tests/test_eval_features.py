@@ -208,3 +208,31 @@ def test_the_cifar10_train_reference_is_computed_once_then_cached_or_read_from_c
     published = resolve_reference("cifar10-train", net, keep=100, progress=False)
     assert "clean-fid's published statistics" in published.description["name"]
     assert np.allclose(published.stats.mean, 0.25)
+    # a legacy_tensorflow evaluation reads the statistics of its own mode, never the clean ones
+    np.savez(stats / "cifar10_legacy_tensorflow_train_32.npz", mu=np.full(2048, 0.5), sigma=np.eye(2048))
+    legacy = F.build_feature_net("inception", (3, 32, 32), inception=str(standin), mode="legacy_tensorflow")
+    legacy.protocol.pop("warning", None)
+    assert np.allclose(resolve_reference("cifar10-train", legacy, keep=100, progress=False).stats.mean, 0.5)
+
+
+def test_clip_input_resizes_the_short_side_then_crops_the_centre():
+    """A 32 x 64 horizontal ramp: the 224 x 224 crop holds the middle half of its columns, not all of them squashed."""
+    ramp = np.repeat(np.repeat((np.arange(64) * 4).astype(np.uint8)[None, :], 32, 0)[None, :, :, None], 3, 3)
+    x = F.clip_preprocess(ramp)
+    assert tuple(x.shape) == (1, 3, 224, 224)
+    grey = (x[0, 0] * 0.26862954 + 0.48145466) * 255                     # undo CLIP's normalisation
+    assert abs(grey[:, 0].mean().item() - 64) < 6 and abs(grey[:, -1].mean().item() - 188) < 6   # columns 16, 47
+
+
+def test_in_loop_evaluation_uses_the_recipes_inception_mode(standin, monkeypatch):
+    from cmgen.eval.inloop import _feature_net
+    from cmgen.recipe import load_recipe
+
+    monkeypatch.setenv("CMGEN_INCEPTION", str(standin))
+    c10 = load_recipe("ict_cifar10")
+    assert c10.eval.mode == "legacy_tensorflow"   # the papers' CIFAR-10 protocol
+    assert _feature_net(c10, (3, 32, 32), "cpu").protocol["mode"] == "legacy_tensorflow"
+    clean = load_recipe("ict_cifar10", ["eval.mode=clean"])
+    assert _feature_net(clean, (3, 32, 32), "cpu").protocol["mode"] == "clean"
+    with pytest.raises(UserError, match="'eval.mode'"):
+        load_recipe("ict_cifar10", ["eval.mode=legacy_pytorch"])

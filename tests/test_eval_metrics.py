@@ -80,6 +80,19 @@ def test_kid_is_seeded_and_orders_distributions():
     assert abs(a[0]) < 3 * a[1] + 1e-3 and b[0] > 10 * max(abs(a[0]), 1e-4)
 
 
+def test_kid_is_the_mean_and_std_over_subsets_drawn_at_random_from_both_sets():
+    g = np.random.default_rng(6)
+    real, fake = g.standard_normal((60, 5)), g.standard_normal((50, 5)) + 0.3
+    got = kernel_inception_distance(real, fake, num_subsets=6, subset_size=20, seed=3)
+    rng = np.random.default_rng(3)   # clean-fid's kernel_distance: a fresh draw of each set per subset, real first
+    values = []
+    for _ in range(6):
+        x = real[rng.choice(60, 20, replace=False)]
+        y = fake[rng.choice(50, 20, replace=False)]
+        values.append(mmd2_unbiased_poly(x, y))
+    assert got == pytest.approx((np.mean(values), np.std(values)), rel=1e-12)
+
+
 def test_sliced_wasserstein_of_a_translation():
     g = np.random.default_rng(5)
     x = g.standard_normal((2000, 2)) * 0.2

@@ -109,6 +109,12 @@ def test_statistics_file_round_trip_and_feature_space_check(tmp_path):
     other = FeatureNet("test", "FD-test", net.embed, 3, {"features": "something-else", "dim": 9})
     with pytest.raises(UserError, match="ref-stats"):
         load_stats(path, other)
+    # the same network in clean-fid's other resizing mode is another feature space
+    legacy = FeatureNet("test", "FD-test", net.embed, 3, {**net.protocol, "mode": "legacy_tensorflow"})
+    save_stats(tmp_path / "clean.npz", stats, FeatureNet("test", "FD-test", net.embed, 3, {**net.protocol, "mode": "clean"}),
+               "x")
+    with pytest.raises(UserError, match="ref-stats"):
+        load_stats(tmp_path / "clean.npz", legacy)
 
 
 def test_cleanfid_style_stats_without_protocol_are_accepted(tmp_path):

@@ -192,6 +192,43 @@ def test_ot_collect_pairs_the_global_batch_once_whatever_the_micro_batching():
     assert "z" not in off.collect(_batches(x, 3, 8), None, 3, OneProcess())[0].extra
 
 
+class TwoRanks:
+    """Rank `rank` of two: gather returns the micro-batch's rows of both ranks in rank order."""
+    world = 2
+
+    def __init__(self, x, micro, rank):
+        self.x, self.micro, self.rank, self.calls = x, micro, rank, 0
+
+    def gather(self, t):
+        o = 2 * self.micro * self.calls
+        self.calls += 1
+        assert torch.equal(t, self.x[o + self.rank * self.micro:o + (self.rank + 1) * self.micro])
+        return self.x[o:o + 2 * self.micro]
+
+
+def _rank_batches(x, step, micro, rank):
+    n = len(x)
+    return [Batch(x[o:o + micro], None, BatchRNG(5, step, n, o, micro))
+            for o in range(rank * micro, n, 2 * micro)]   # offset (m * world + rank) * micro, as the loop's
+
+
+def test_ot_on_two_processes_pairs_the_gathered_global_batch_like_one_process():
+    m, _, _ = _method()
+    x = torch.randn(8, 4, 4, 4)
+    one = m.collect(_batches(x, 3, 8), None, 3, OneProcess())[0].extra["z"]
+    for rank in (0, 1):
+        got = m.collect(_rank_batches(x, 3, 2, rank), None, 3, TwoRanks(x, 2, rank))
+        for b in got:   # each rank's slice of the one global pairing, not a pairing of its own rows
+            o = b.rng.offset
+            assert torch.equal(b.extra["z"], one[o:o + 2])
+
+
+def test_lct_curriculum_defaults_are_the_papers_s0_10_s1_640():
+    from cmgen.methods.lct import Config
+
+    assert (Config().s0, Config().s1) == (10, 640)
+
+
 @pytest.mark.parametrize("override,needle", [("method.loss=l2", "method.loss"), ("method.c=-1", "method.c"),
                                              ("method.diffusion_from=0", "diffusion_from")])
 def test_bad_lct_fields_are_one_sentence(override, needle):

@@ -36,6 +36,12 @@ def test_paper_settings_of_the_gpu_recipes():
     assert (c10.train.batch_size, c10.train.steps, c10.optim.lr, c10.optim.name) == (1024, 400_000, 1e-4, "radam")
     assert (c10.method.s0, c10.method.s1, c10.method.p_mean, c10.method.p_std) == (10, 1280, -1.1, 2.0)
     assert c10.model.dropout == 0.3 and c10.train.ema_decay == 0.99993 and c10.sample.sigmas == (80.0, 0.821)
+    from cmgen.models.unet import unet_kwargs
+
+    kw = unet_kwargs(c10.model, 3, 32, 0)   # NCSN++: 128 x mult (2, 2, 2) at 32/16/8, attention at 16x16 only
+    assert kw["block_out_channels"] == (256, 256, 256) and kw["layers_per_block"] == 4
+    assert [("Attn" in b) for b in kw["down_block_types"]] == [False, True, False]
+    assert all("Resnet" in b or "Attn" in b for b in kw["down_block_types"] + kw["up_block_types"])
     in64 = load_recipe("ict_imagenet64")
     assert in64.model.class_conditional and in64.model.dropout == 0.2 and in64.sample.sigmas == (80.0, 1.526)
     assert (in64.train.batch_size, in64.train.steps) == (4096, 800_000)
@@ -65,6 +71,13 @@ def test_paper_settings_of_the_latent_ct_recipes():
         assert r.model.layers_per_block == 4 and r.model.attention_levels == (1, 2) and r.model.dropout == 0.0
         assert (r.optim.name, r.optim.lr, r.optim.weight_decay, r.train.ema_decay) == ("radam", 1e-4, 1e-4, 0.99993)
         assert r.train.batch_size == batch and r.sample.sigmas == (80.0, 0.529) and r.data.name == "latents"
+        assert not r.data.hflip   # LSUN's flips are encoded into its cache, never applied to latents in the loop
+        from cmgen.models.unet import unet_kwargs
+
+        kw = unet_kwargs(r.model, 4, 32, 0)   # DhariwalUNet: resampling in residual blocks, scale-shift embedding
+        assert kw["resnet_time_scale_shift"] == "scale_shift"
+        assert kw["down_block_types"] == ("ResnetDownsampleBlock2D", "AttnDownBlock2D", "AttnDownBlock2D",
+                                          "ResnetDownsampleBlock2D")
     base = load_recipe("ilct_celebahq256")
     assert (base.method.loss, base.method.adaptive_c, base.method.diffusion_weight, base.method.ot,
             base.method.s1, base.model.norm) == ("pseudo_huber", False, 0.0, False, 1280, "group")
@@ -114,6 +127,7 @@ def test_base_recipes_merge_key_by_key_and_refuse_loops(tmp_path):
     ("ict_digits", "sample.gamma=1.5", ["'sample.gamma'", "[0, 1]"]),
     ("ctm_digits", "method.gan_period=1", ["'method.gan_period'", "at least 2"]),       # the method's own check
     ("lct_digits", "method.loss=l1", ["'method.loss'", "cauchy or pseudo_huber"]),
+    ("lct_celebahq256", "data.hflip=true", ["'data.hflip'", "latents", "--hflip"]),   # a flipped latent is no image's
 ])
 def test_recipe_values_outside_their_range_are_one_sentence_naming_the_key(recipe, override, words):
     from cmgen.errors import UserError
