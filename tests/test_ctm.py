@@ -292,6 +292,63 @@ def test_estimate_has_the_gradient_of_the_inner_call_and_the_target_none():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in nets.model.parameters())
 
 
+class LabelRecorder(torch.nn.Module):
+    """Calls the wrapped net unconditionally and records the class labels it was given (its last argument)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.seen = net, []
+
+    def forward(self, *args):
+        self.seen.append(args[-1])
+        return self.net(*args[:-1], None)
+
+
+def test_every_call_of_the_estimate_and_the_target_carries_the_batchs_labels():
+    m = make_method()
+    nets = nets_of(m)
+    rec = Nets({name: LabelRecorder(net) for name, net in nets.items()})
+    x, y = torch.randn(4, 1, 8, 8).clamp(-1, 1), torch.tensor([3, 1, 4, 1])
+    step = next(st for st in range(100) if m.draw(BatchRNG(0, st, 4, 0, 4), 4)[0] >= 2)   # k >= 2 teacher steps
+    m.estimate_and_target(rec, Batch(x, y, BatchRNG(0, step, 4, 0, 4)))
+    for name in ("model", "target", "teacher"):   # the teacher's Heun steps included: a class-conditional teacher
+        assert rec[name].seen and all(torch.equal(v, y) for v in rec[name].seen), name
+
+
+def test_the_discriminator_step_scores_real_data_against_the_ctm_estimate():
+    from cmgen.methods.ctm_gan import discriminator_loss
+
+    m = make_method("method.gan_start=0")
+    perturb(m.gen.net, 0.05)
+    nets = nets_of(m, target_shift=0.05)
+    nets["disc"] = m.disc
+    x = torch.randn(4, 1, 8, 8).clamp(-1, 1)
+    got = m.loss(nets, Batch(x, None, BatchRNG(0, 3, 4, 0, 4), phase="disc"), 1)["loss"]
+    with torch.no_grad():
+        rng = BatchRNG(0, 3, 4, 0, 4)
+        est, _, _ = m.estimate_and_target(nets, Batch(x, None, rng), with_target=False)
+        want = discriminator_loss(nets.disc, x, est, rng, m.cfg.diffaug)["loss"]
+        rng = BatchRNG(0, 3, 4, 0, 4)
+        inner, _, _ = m.inner_and_target(nets, Batch(x, None, rng), with_target=False)
+        inner_fake = discriminator_loss(nets.disc, x, inner, rng, m.cfg.diffaug)["loss"]
+    assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got, inner_fake, atol=1e-4)
+
+
+def test_the_discriminator_sees_real_and_fake_through_diffaugment_in_that_order():
+    from cmgen.methods.ctm_gan import discriminator_loss
+
+    disc = make_method("method.gan_start=0").disc
+    real, fake = torch.rand(4, 1, 8, 8) * 2 - 1, torch.rand(4, 1, 8, 8) * 2 - 1
+    policy = "color,translation,cutout"
+    got = discriminator_loss(disc, real, fake, BatchRNG(0, 5, 4, 0, 4), policy)["loss"]
+    rng = BatchRNG(0, 5, 4, 0, 4)
+    real_aug = diff_augment(real, rng, policy)
+    fake_aug = diff_augment(fake, rng, policy)
+    assert torch.allclose(got, hinge_d(disc(real_aug), disc(fake_aug)), atol=1e-6)
+    assert not torch.allclose(got, hinge_d(disc(real), disc(diff_augment(fake, BatchRNG(0, 5, 4, 0, 4), policy))),
+                              atol=1e-4)
+
+
 def test_dsm_sigma_draws_and_edm_weighting():
     m = make_method()
     assert dsm_karras_sigma(torch.tensor(0.0), 0.002, 80, 7) == pytest.approx(80.0)
@@ -387,13 +444,15 @@ def assert_same_gradient(net, got, want):
 
 # ----------------------------------------------------------------------------- GAN
 
-def test_hinge_losses():
-    real = torch.tensor([[2.0, 0.0], [0.5, -1.0]])                     # [B, heads]
-    fake = torch.tensor([[-2.0, 1.0], [0.3, -0.5]])
-    # head 0: real relu(1-2)=0, relu(0.5)=0.5 -> .25; fake relu(1-2)=0, relu(1.3)=1.3 -> .65
-    # head 1: real relu(1)=1, relu(2)=2 -> 1.5; fake relu(2)=2, relu(.5)=.5 -> 1.25
-    assert hinge_d(real, fake).item() == pytest.approx(0.25 + 0.65 + 1.5 + 1.25)
-    assert hinge_g(fake).item() == pytest.approx(-((-2.0 + 0.3) / 2 + (1.0 - 0.5) / 2))
+def test_hinge_losses_apply_per_position_average_each_head_then_the_heads():
+    # two heads with [B=2, positions] logit maps of different sizes, as the discriminator returns them
+    real = [torch.tensor([[2.0, 0.0], [0.5, -1.0]]), torch.tensor([[3.0], [-1.0]])]
+    fake = [torch.tensor([[-2.0, 1.0], [0.3, -0.5]]), torch.tensor([[-0.5], [2.0]])]
+    # head 0 real: relu(1-l) = 0, 1, .5, 2 -> mean .875; head 1 real: 0, 2 -> 1
+    # head 0 fake: relu(1+l) = 0, 2, 1.3, .5 -> mean .95; head 1 fake: .5, 3 -> 1.75
+    assert hinge_d(real, fake).item() == pytest.approx((0.875 + 1.0) / 2 + (0.95 + 1.75) / 2)
+    # the hinge of each position, not of a head's mean logit: head 0's real mean logit .375 would give .625
+    assert hinge_g(fake).item() == pytest.approx(-((-2.0 + 1.0 + 0.3 - 0.5) / 4 + (-0.5 + 2.0) / 2) / 2)
 
 
 def test_diffaugment_translates_and_cuts_out_with_keyed_draws():
@@ -437,6 +496,24 @@ def test_gan_alternates_g_and_d_steps_and_the_emas_move_on_g_steps_only(tmp_path
         if not g_step:
             assert "disc/loss" in terms
     assert ctm_method.GAN_WEIGHT_RANGE == (0.01, 10.0) and ctm_method.DSM_WEIGHT_RANGE == (0.0, 1e4)
+
+
+def test_the_target_takes_its_gan_stage_decay_from_gan_start_on(tmp_path):
+    from cmgen.train import Trainer
+
+    r = tiny_recipe("method.gan_start=2", "train.steps=6", "method.target_decay=0.5", "method.target_decay_gan=0.9",
+                    "train.checkpoint_every=100", "train.sample_every=0", "method.max_k=2")
+    tr = Trainer(r, tmp_path / "run", progress=False)
+    for step in range(5):
+        before = [p.detach().clone() for p in tr.targets["target"].module.parameters()]
+        tr.train_step()
+        if tr.method.phases(step) != ("model",):
+            continue
+        mu = 0.9 if step >= 2 else 0.5                  # the G steps 0, 1 before the GAN; 2, 4 in it
+        for old, new, p in zip(before, tr.targets["target"].module.parameters(), tr.model.parameters()):
+            assert torch.allclose(new, mu * old + (1 - mu) * p.detach(), atol=1e-6)
+    assert [tr.method.target_decay_at(s) for s in (0, 1, 2, 3)] == [0.5, 0.5, 0.9, 0.9]
+    assert make_method("method.target_decay=0.3").targets() == {"target": 0.3}   # theta⁻'s own, not train.ema_decay
 
 
 def test_logged_terms_are_means_over_the_steps_of_their_phase(tmp_path):
@@ -602,6 +679,7 @@ def test_paper_settings_of_the_ctm_gpu_recipes():
         (18, 17, "lpips", 0.999, -1.2, 1.2, 0.7)
     assert (c.optim.name, c.optim.lr, c.train.batch_size, m.gan_start, m.disc_lr, m.disc_betas, m.gan_period) == \
         ("radam", 4e-4, 256, 50000, 2e-3, (0.5, 0.9), 2)
+    assert m.target_decay_gan == 0.9999                  # the unconditional CIFAR-10 GAN run's theta⁻
     i = load_recipe("ctm_imagenet64")
     assert (i.method.grid, i.method.max_k, i.train.batch_size, i.model.class_conditional, i.precond.c_noise) == \
         (40, 39, 1440, True, "cm")

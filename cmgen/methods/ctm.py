@@ -50,6 +50,7 @@ class Config:
     lpips_weights: Optional[str] = None  # folder: torchvision's vgg16-397923af.pth (+ lpips' vgg.pth), cmgen.perceptual
     lpips_pooling: str = "avg"      # avg: the reference code's LPIPS (piq, replace_pooling=True) | max: original VGG
     target_decay: float = 0.999     # mu of the EMA target theta⁻ the outer jumps use
+    target_decay_gan: Optional[float] = None  # mu of theta⁻ from gan_start on (CIFAR-10's GAN run 0.9999); null = same
     dsm_weight: float = 1.0         # multiplier of the DSM term on top of its adaptive weight; 0 = off
     adaptive_dsm: bool = True       # lambda_DSM from gradient norms at the output layer (else 1)
     p_mean: float = -1.2            # DSM: lognormal sigma for the first half of the batch
@@ -74,8 +75,10 @@ class Config:
             yield f"recipe key 'method.distance' must be one of {', '.join(DISTANCES)}, got '{self.distance}'"
         if self.lpips_pooling not in ("avg", "max"):
             yield f"recipe key 'method.lpips_pooling' must be avg or max, got '{self.lpips_pooling}'"
-        if not 0 <= self.target_decay < 1:
-            yield f"recipe key 'method.target_decay' must be in [0, 1), got {self.target_decay}"
+        for key in ("target_decay", "target_decay_gan"):
+            mu = getattr(self, key)
+            if mu is not None and not 0 <= mu < 1:
+                yield f"recipe key 'method.{key}' must be in [0, 1), got {mu}"
         if self.dsm_weight < 0 or self.gan_weight < 0:
             yield "recipe keys 'method.dsm_weight' and 'method.gan_weight' must be at least 0"
         if not 0 < self.dsm_karras_r <= 1:
@@ -223,7 +226,15 @@ class Method(BaseMethod):
         return {"teacher": self.teacher}
 
     def targets(self):
-        return {"target": self.cfg.target_decay}
+        c = self.cfg
+        if c.target_decay_gan is None or c.gan_start is None:
+            return {"target": c.target_decay}
+        return {"target": self.target_decay_at}
+
+    def target_decay_at(self, step: int) -> float:
+        """theta⁻'s EMA decay after the model step `step`: target_decay_gan once the GAN stage is on."""
+        c = self.cfg
+        return c.target_decay_gan if gate(step, c.gan_start) else c.target_decay
 
     def parts(self):
         if self.disc is None:

@@ -72,21 +72,29 @@ def _cutout(x, rng):
 
 # ----------------------------------------------------------------------------- losses
 
-def hinge_d(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """sum over heads of E relu(1 - D(real)) + E relu(1 + D(fake)); logits [B, heads]."""
-    return (F.relu(1 - real_logits).mean(0) + F.relu(1 + fake_logits).mean(0)).sum()
+# Logits are one [B, positions] map per head. As in the reference code, the hinge applies to every logit of
+# every position, is averaged within a head, then averaged over the heads.
+
+def _head_mean(per_head: list[torch.Tensor]) -> torch.Tensor:
+    return sum(h.mean() for h in per_head) / len(per_head)
 
 
-def hinge_g(fake_logits: torch.Tensor) -> torch.Tensor:
-    """-sum over heads of E D(fake)."""
-    return -fake_logits.mean(0).sum()
+def hinge_d(real_logits: list[torch.Tensor], fake_logits: list[torch.Tensor]) -> torch.Tensor:
+    """mean over heads of E relu(1 - D(real)) + mean over heads of E relu(1 + D(fake)), E over batch and positions."""
+    return _head_mean([F.relu(1 - r) for r in real_logits]) + _head_mean([F.relu(1 + f) for f in fake_logits])
+
+
+def hinge_g(fake_logits: list[torch.Tensor]) -> torch.Tensor:
+    """-(mean over heads of E D(fake))."""
+    return -_head_mean(fake_logits)
 
 
 def discriminator_loss(disc, real, fake, rng, policy: str) -> dict:
     real_logits = disc(diff_augment(real.float(), rng, policy))
     fake_logits = disc(diff_augment(fake.detach().float(), rng, policy))
     loss = hinge_d(real_logits, fake_logits)
-    return {"loss": loss, "d_real": real_logits.detach().mean(), "d_fake": fake_logits.detach().mean()}
+    with torch.no_grad():
+        return {"loss": loss, "d_real": _head_mean(real_logits), "d_fake": _head_mean(fake_logits)}
 
 
 def generator_loss(disc, fake, rng, policy: str) -> torch.Tensor:
@@ -96,8 +104,8 @@ def generator_loss(disc, fake, rng, policy: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------- networks
 
 class Discriminator(nn.Module):
-    """Trainable heads (conv 3x3, LeakyReLU, conv 1x1 -> one logit map, averaged) on each feature map of
-    `features(x) -> list of [B, C_i, H_i, W_i]`; returns logits [B, heads]."""
+    """Trainable heads (conv 3x3, LeakyReLU, conv 1x1 -> one logit map) on each feature map of
+    `features(x) -> list of [B, C_i, H_i, W_i]`; returns one [B, H_i * W_i] logit map per head."""
 
     def __init__(self, features: nn.Module, channels: list[int], width: int):
         super().__init__()
@@ -106,7 +114,7 @@ class Discriminator(nn.Module):
                                                  nn.Conv2d(width, 1, 1)) for c in channels)
 
     def forward(self, x):
-        return torch.stack([h(f).flatten(1).mean(1) for h, f in zip(self.heads, self.features(x))], dim=1)
+        return [h(f).flatten(1) for h, f in zip(self.heads, self.features(x))]
 
 
 class OwnFeatures(nn.Module):
