@@ -5,7 +5,8 @@
 
 Both methods start from the same base, draw the same number of rollouts per round (train.batch_size,
 groups of method.group_size per class) with the same reward and advantage function, and take one
-optimizer step per round; beta = 0 for both (the optimisation ceiling, flow_grpo #23). AWM rolls out
+optimizer step per round; no penalty for either (the optimisation ceiling, flow_grpo #23): beta = 0 for
+both and AWM's previous-policy penalty beta_prev = 0 too, since the baseline has none. AWM rolls out
 with the 10-step Euler ODE, the baseline with the 10-step SDE it needs for its log-probabilities.
 Every --every steps the current policy (raw weights) is scored on the same fixed noise and classes
 (n images, 10-step Euler ODE). Each method's lr is tuned separately on --tune-seed over the grid: the
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 RECIPES = {"awm": "awm_digits_class", "flowgrpo": "flowgrpo_digits_class"}
+NO_PENALTY = {"awm": ["method.beta=0", "method.beta_prev=0"], "flowgrpo": ["method.beta=0"]}
 
 
 def policy_reward(trainer, reward, n: int) -> float:
@@ -43,9 +45,17 @@ def policy_reward(trainer, reward, n: int) -> float:
         return float(reward(x, y if reward.needs_condition else None).mean())
 
 
+def run_overrides(method, lr, seed, a) -> list[str]:
+    """One sweep run's recipe overrides: the shared base, reward and lr, and no penalty (NO_PENALTY)."""
+    return [f"method.base={a.base}", f"method.reward={a.reward}", *NO_PENALTY[method], f"optim.lr={lr}",
+            f"train.seed={seed}", f"train.steps={a.steps}", "train.sample_every=0", "train.checkpoint_every=100000",
+            f"train.threads={a.threads}"]
+
+
 def one_run(method, lr, seed, a, out: Path) -> dict:
     path = out / f"{method}-lr{lr:g}-seed{seed}.json"
-    settings = {"base": a.base, "reward": a.reward, "steps": a.steps, "every": a.every, "n": a.n}
+    settings = {"base": a.base, "reward": a.reward, "steps": a.steps, "every": a.every, "n": a.n,
+                "penalties": NO_PENALTY[method]}
     if path.is_file():
         row = json.loads(path.read_text())
         if row.get("settings") == settings:
@@ -54,10 +64,7 @@ def one_run(method, lr, seed, a, out: Path) -> dict:
     from cmgen.rewards import build_reward
     from cmgen.train import Trainer
 
-    over = [f"method.base={a.base}", f"method.reward={a.reward}", "method.beta=0", f"optim.lr={lr}",
-            f"train.seed={seed}", f"train.steps={a.steps}", "train.sample_every=0", "train.checkpoint_every=100000",
-            f"train.threads={a.threads}"]
-    r = load_recipe(RECIPES[method], over)
+    r = load_recipe(RECIPES[method], run_overrides(method, lr, seed, a))
     tr = Trainer(r, out / "runs" / path.stem, progress=False)
     reward = build_reward(a.reward)
     curve = [(0, policy_reward(tr, reward, a.n))]

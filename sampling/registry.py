@@ -35,10 +35,20 @@ def _edm_times(recipe, steps):
     return edm_sigmas(steps, p.sigma_min, p.sigma_max, p.rho)
 
 
-def _flow_times(recipe, steps):
+def flow_grid(recipe, steps: int, shift: float, key: str) -> list[float]:
+    """Flow times for `steps` steps: a model.arch sd3 pipeline's own scheduler sigmas (what its exported pipeline
+    samples on), else evenly spaced times shifted by `shift` (the recipe's value under `key`)."""
+    if recipe.model.arch == "sd3":
+        from cmgen.models.sd3 import scheduler_times
+
+        return scheduler_times(recipe, steps, shift, key)
     from cmgen.sampling.flow import flow_times
 
-    return flow_times(steps, recipe.sample.shift)
+    return flow_times(steps, shift)
+
+
+def _flow_times(recipe, steps):
+    return flow_grid(recipe, steps, recipe.sample.shift, "sample.shift")
 
 
 def _run_multistep(net, noise, times, labels, gen, opt):

@@ -9,7 +9,7 @@ import torch
 from conftest import benchmark_module
 
 from cmgen.errors import UserError
-from cmgen.methods.awm import ghuber, prev_decay, stratified_indices
+from cmgen.methods.awm import Config, ghuber, prev_decay, strata_edges, stratified_indices
 from cmgen.methods.flowgrpo import clipped_objective, step_log_prob
 from cmgen.methods.rollout import group_advantages, round_conditions
 from cmgen.rng import BatchRNG, keyed_generator
@@ -105,6 +105,41 @@ def test_stratified_indices_take_one_index_from_each_stratum_uniformly():
         counts[idx] += 1
     assert counts[0] == 0 and (counts[1:] > 0).all()
     np.testing.assert_allclose(counts[1:] / 3000, 1 / 3, atol=0.04)   # 3 indices per stratum, each 1/3
+
+
+def reference_discrete_indices(gen, count, first, end):
+    """The reference's draw (train_sd3_awm.py, time_type discrete / discrete_wo_init) with end = int(14 * 0.9):
+    float32 linspace edges truncated, index lower + floor(u (upper - lower)); u drawn as cmgen draws it."""
+    b = torch.linspace(first, end, count + 1)
+    lo, hi = b[:-1].long(), b[1:].long()
+    u = torch.rand(count, generator=gen, dtype=torch.float64)
+    return lo + (u * (hi - lo)).long()
+
+
+def test_loss_time_strata_are_the_references_for_14_steps_and_the_sd35_recipe():
+    from cmgen.recipe import load_recipe
+
+    geneval = Config(rollout_steps=14, timesteps=6)                 # t_first 1, t_last default (discrete_wo_init)
+    pick = load_recipe("awm_sd35_pickscore").method                  # t_first 0 (PickScore's discrete)
+    want = {geneval: [{1}, {2, 3}, {4, 5}, {6, 7}, {8, 9}, {10, 11}],
+            pick: [{0, 1}, {2, 3}, {4, 5}, {6, 7}, {8, 9}, {10, 11}]}
+    for c, strata in want.items():
+        e = strata_edges(c.timesteps, c.t_first, c.last_index()).tolist()
+        assert [set(range(lo, hi)) for lo, hi in zip(e, e[1:])] == strata
+        seen = [set() for _ in strata]
+        for s in range(400):
+            idx = stratified_indices(keyed_generator(s), c.timesteps, c.t_first, c.last_index())
+            ref = reference_discrete_indices(keyed_generator(s), c.timesteps, c.t_first, int(14 * 0.9))
+            assert torch.equal(idx, ref)                              # the same index for the same u
+            for j, i in enumerate(idx.tolist()):
+                seen[j].add(i)
+        assert seen == strata                                        # every index of a stratum is drawn; 12 never
+
+
+def test_last_loss_index_defaults_to_the_references_timestep_fraction():
+    # int(steps * 0.9) is the reference's exclusive end: 14 steps -> 11; 10 (the digits recipes) -> 8; 6 -> 4
+    assert [Config(rollout_steps=n).last_index() for n in (14, 10, 6, 4)] == [11, 8, 4, 2]
+    assert Config(rollout_steps=14, t_last=13).last_index() == 13
 
 
 def test_ghuber_value_and_gradient():
@@ -215,6 +250,48 @@ def test_previous_policy_copy_and_eval_ema_follow_their_decays(base_run, tmp_pat
         for o, s, n in zip(old_ema, tr.parts["model"].ema.shadow, new):
             assert torch.allclose(s, 0.99 * o + 0.01 * n, atol=1e-6)
     assert not torch.allclose(old_prev[0], new[0])   # the model did move
+    assert [prev.decay_at(s) for s in (0, 1, 2)] == [0.0, 0.25, 0.3]
+
+
+def test_previous_copy_decay_is_the_notes_min_of_03_and_0001_step(base_run, tmp_path):
+    tr = trainer_for("awm_digits_class", base_run, tmp_path)     # the default rate 0.001 and cap 0.3
+    prev = tr.targets["previous"]
+    # the loop passes the index of the step just taken (0 for the first)
+    assert [prev.decay_at(s) for s in (0, 1, 299, 300, 5000)] == pytest.approx([0.0, 0.001, 0.299, 0.3, 0.3])
+
+
+def test_reference_copy_is_taken_after_the_base_is_loaded(base_run, tmp_path):
+    from cmgen.generator import Generator
+    from cmgen.runs import load_model
+
+    # seed 1: the trainer's own initial weights differ from the base's (seed 0, barely trained)
+    tr = trainer_for("awm_digits_class", base_run, tmp_path, "method.beta=0.1", "train.seed=1")
+    g = torch.Generator().manual_seed(3)
+    x, t, y = torch.randn(4, *tr.gen.shape, generator=g), torch.tensor([0.9, 0.6, 0.3, 0.1]), torch.tensor([0, 3, 5, 9])
+    torch.manual_seed(1)
+    fresh = Generator.build(tr.recipe, tr.gen.shape, tr.gen.num_classes).net.eval()
+    with torch.no_grad():
+        ref, model = tr.nets.reference(x, t, y), tr.nets.model.eval()(x, t, y)
+        base = load_model(base_run, ema=True).net(x, t, y)
+        init = fresh(x, t, y)
+    assert torch.allclose(ref, model, atol=1e-6) and torch.allclose(ref, base, atol=1e-6)
+    assert (ref - init).abs().max() > 1e-2
+
+
+def test_sde_rollouts_are_the_flow_sde_on_the_keyed_noise(base_run, tmp_path):
+    from cmgen.methods.rollout import keyed_noise
+    from cmgen.sampling.flow import flow_euler, flow_sde, flow_times
+
+    tr = trainer_for("awm_digits_class", base_run, tmp_path, "method.rollout_sampler=sde", "method.sde_a=0.5")
+    b = round_of(tr)
+    noise = keyed_noise(b.rng.seed, 0, tr.gen.shape, b.rng.offset, len(b.x), b.x.device)
+    times, net = flow_times(6), tr.nets.model.eval()                # method.rollout_steps=6, shift 1
+    with torch.no_grad():
+        sde = flow_sde(net, noise, times, class_labels=b.labels, a=0.5)
+        other = flow_sde(net, noise, times, class_labels=b.labels, a=0.7)
+        ode = flow_euler(net, noise, times, class_labels=b.labels)
+    assert torch.allclose(b.x, sde, atol=1e-5)
+    assert (b.x - ode).abs().max() > 1e-2 and (b.x - other).abs().max() > 1e-2
 
 
 def test_grad_accum_gathers_the_round_before_normalising(base_run, tmp_path):
@@ -329,6 +406,23 @@ def test_missing_base_and_bad_batch_are_one_sentence(base_run, tmp_path):
         trainer_for("awm_digits_class", base_run, tmp_path, "method.reward=prettiness")
     with pytest.raises(UserError, match="null_label"):
         trainer_for("awm_digits_class", base_run, tmp_path, "method.null_label=false")
+
+
+def test_speed_benchmark_runs_both_methods_without_any_penalty(base_run, tmp_path):
+    """The beta = 0 ceiling: AWM keeps no previous-policy copy either, as the baseline has none."""
+    import argparse
+
+    from cmgen.recipe import load_recipe
+    from cmgen.train import Trainer
+
+    b = benchmark_module("awm_vs_flowgrpo")
+    a = argparse.Namespace(base=str(base_run), reward="brightness", steps=1, threads=1)
+    for method, name in b.RECIPES.items():
+        r = load_recipe(name, TINY + SMALL + b.run_overrides(method, 1e-3, 0, a))
+        tr = Trainer(r, tmp_path / method, progress=False)
+        assert tr.targets == {} and "reference" not in tr.nets
+        terms = tr.method.loss(tr.nets, round_of(tr), 0)
+        assert not {"kl_ref", "kl_prev"} & set(terms)
 
 
 def test_speed_benchmark_extends_the_lr_grid_until_the_best_is_bracketed():

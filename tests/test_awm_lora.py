@@ -96,10 +96,87 @@ def test_rewards_see_prompts_and_the_recipe_keeps_the_papers_settings(lora_run):
     assert tr.method.condition(torch.tensor([1, 0])) == [tr.method.backbone.prompts[1], tr.method.backbone.prompts[0]]
     m = load_recipe("awm_sd35_pickscore")
     # AWM reference config (config/dgx_awm.py, PickScore): LoRA r 32 / alpha 64, lr 3e-4, k = 24, 14 steps,
-    # shift 3, beta 1e-4, ghuber, T = 6 from index 0, EMA 0.99
+    # shift 3, beta 1e-4, ghuber, T = 6 from index 0 to 11 (strata {0, 1}, ..., {10, 11}), EMA 0.99
     c = m.method
     assert (c.lora_rank, c.lora_alpha, c.group_size, c.rollout_steps, c.rollout_shift, c.beta) == (32, 64, 24, 14, 3.0, 1e-4)
-    assert (c.weighting, c.timesteps, c.t_first, c.t_last, m.optim.lr, m.train.ema_decay) == ("ghuber", 6, 0, 12, 3e-4, 0.99)
+    assert (c.weighting, c.timesteps, c.t_first, c.t_last, m.optim.lr, m.train.ema_decay) == ("ghuber", 6, 0, 11, 3e-4, 0.99)
+
+
+def scheduler_sigmas(steps: int) -> list[float]:
+    """SD3.5's scheduler (shift 3), built from its config here: StableDiffusion3Pipeline's grid for `steps`."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    s.set_timesteps(steps)
+    return s.sigmas.tolist()
+
+
+def test_sd3_rollout_loss_and_sampling_times_are_the_schedulers_sigmas(lora_run):
+    from cmgen.errors import UserError
+    from cmgen.sampling.flow import flow_times
+
+    tr, _ = lora_run
+    want = scheduler_sigmas(14)
+    assert want[-2] == pytest.approx(0.00893, abs=1e-5) and flow_times(14, 3.0)[-2] == pytest.approx(0.1875)
+    assert tr.gen.times(14) == pytest.approx(want, abs=1e-7)                       # cmgen sample, previews, eval
+    assert tr.method.times.tolist() == pytest.approx(scheduler_sigmas(4), abs=1e-7)   # the smoke run's rollouts
+    from cmgen.sampling.registry import flow_grid
+
+    assert flow_grid(tr.recipe, 14, 3.0, "method.rollout_shift") == pytest.approx(want, abs=1e-7)
+    first, second = tr.method.loss_times(tr._batch(0)).tolist()                   # strata {0} and {1, 2}
+    assert first == 1.0 and min(abs(second - v) for v in scheduler_sigmas(4)[1:3]) < 1e-6
+    with pytest.raises(UserError, match="method.rollout_shift"):                  # a recipe shift the grid ignores
+        flow_grid(tr.recipe, 14, 1.0, "method.rollout_shift")
+
+
+def test_cmgen_sampling_and_the_exported_pipeline_make_the_same_latents(lora_run):
+    from diffusers import StableDiffusion3Pipeline
+
+    from cmgen.cli import main as cli
+    from cmgen.runs import load_model
+    from cmgen.sampling import per_image_noise
+
+    tr, out = lora_run
+    folder = out / "export-parity"
+    assert cli(["export", str(out / "run"), "--to", str(folder)]) == 0
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    pipe.load_lora_weights(folder / "lora")
+    ours = load_model(out / "run", ema=True)
+    noise, y = per_image_noise([0, 1], ours.shape), torch.tensor([0, 1])
+    bb = ours.net.backbone
+    for steps in (3, 14):
+        with torch.no_grad():
+            z = ours.sampler("euler").run(ours.net, noise, ours.times(steps), y, ours, {})
+            got = pipe(prompt_embeds=bb.prompt_embeds[y], pooled_prompt_embeds=bb.pooled[y], latents=noise(0),
+                       num_inference_steps=steps, guidance_scale=1.0, height=32, width=32, output_type="latent").images
+        assert torch.allclose(z, got, atol=1e-4), steps
+
+
+def test_the_adapter_has_the_recipes_rank_and_alpha(lora_run):
+    tr, _ = lora_run
+    m, config = tr.recipe.method, tr.method.backbone.transformer.peft_config["default"]
+    assert (m.lora_rank, m.lora_alpha) == (4, 8.0)                                  # the smoke recipe's
+    assert (config.r, config.lora_alpha) == (4, 8.0)
+    scales = {mod.scaling["default"] for mod in tr.method.backbone.transformer.modules() if hasattr(mod, "lora_A")}
+    assert scales == {2.0}                                                          # alpha / r
+
+
+def test_lora_adapts_every_attention_projection_of_a_joint_block():
+    from diffusers import SD3Transformer2DModel
+
+    from cmgen.models.sd3 import add_lora
+
+    # two blocks: the first has a context output (to_add_out), the last is context_pre_only
+    t = SD3Transformer2DModel(sample_size=4, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8,
+                              num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=32,
+                              pooled_projection_dim=32, out_channels=4)
+    add_lora(t, 4, 8.0)
+    adapted = {n for n, mod in t.named_modules() if hasattr(mod, "lora_A")}
+    # the reference's lora_type "attn" (train_sd3_awm.py): both streams' q, k, v and outputs
+    want = {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"}
+    assert adapted == {f"transformer_blocks.0.attn.{m}" for m in want} | {
+        f"transformer_blocks.1.attn.{m}" for m in want - {"to_add_out"}}
+    assert all(not p.requires_grad for n, p in t.named_parameters() if "lora_" not in n)
 
 
 def test_smoke_of_the_sd35_recipe_runs_from_the_cli(capsys):

@@ -1,8 +1,9 @@
 """Advantage Weighted Matching (Xue et al. 2025, arXiv 2509.25050; the reference `train_sd3_awm.py`).
 
 Rollouts and advantages: cmgen.methods.rollout. Any sampler makes the rollouts (`rollout_sampler`:
-euler ODE or the Flow-GRPO SDE); the loss needs only their final x0. For each rollout, T
-timesteps stratified over the rollout grid's indices [t_first, t_last] (one set per micro-batch),
+euler ODE or the Flow-GRPO SDE); the loss needs only their final x0. For each rollout, T grid
+indices, one from each stratum [e_j, e_{j+1}) with edges e = floor(linspace(t_first, t_last + 1, T + 1))
+(the reference's `discrete` / `discrete_wo_init` draw; one set per micro-batch), their grid times t,
 fresh noise eps, x_t = (1 - t) x0 + t eps, u = eps - x0, m = mean_j (v(x_t, t) - u)_j^2 and
 
     l = m                                              (weighting: plain)
@@ -11,8 +12,12 @@ fresh noise eps, x_t = (1 - t) x0 + t eps, u = eps - x0, m = mean_j (v(x_t, t) -
 
 The reference code forms log p = -l and a PPO ratio; with one optimizer step per round the ratio is 1,
 so its gradient is the gradient of A l, which is what is computed here. v_ref is the base model
-(frozen), v_prev a copy updated after every step as prev <- d prev + (1 - d) theta with
-d = min(prev_decay_max, prev_decay_rate * step) (the reference's "TRPO-like" EMA adapter).
+(frozen), v_prev a copy updated after every optimizer step as prev <- d prev + (1 - d) theta with
+d = min(prev_decay_max, prev_decay_rate * step), step = 0, 1, ... the index of the step just taken, as the
+note writes it (the reference's "TRPO-like" EMA adapter; its code counts the step first, a decay larger by
+prev_decay_rate until the cap, not taken over so that the measured runs stay comparable). The penalties
+are independent: beta_prev acts at beta = 0 too (the reference nests it under beta > 0, but cannot run
+beta = 0 at all).
 The evaluation EMA is the loop's `train.ema_decay` (0.99 in the reference).
 """
 from __future__ import annotations
@@ -20,7 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 
 from cmgen.methods.rollout import RewardMethod, RolloutConfig
@@ -33,8 +37,8 @@ GHUBER_EPS = 1e-10
 class Config(RolloutConfig):
     rollout_sampler: str = "euler"  # euler (ODE) | sde: the loss is sampler-free
     timesteps: int = 4              # T per rollout (6 in the reference)
-    t_first: int = 1                # first rollout-grid index a loss time may take (0 = t = 1)
-    t_last: Optional[int] = None    # last index; None = rollout_steps - 2 (the reference's [1, 12] of 14)
+    t_first: int = 1                # first rollout-grid index a loss time may take (0 = t = 1; PickScore 0)
+    t_last: Optional[int] = None    # last index; None = int(0.9 rollout_steps) - 1 (timestep_fraction 0.9: 11 of 14)
     weighting: str = "plain"        # plain | ghuber
     ghuber_p: float = 0.25          # p of the ghuber weighting
     beta: float = 0.0               # KL-to-reference weight (1e-4 PickScore, 1e-3 GenEval)
@@ -59,7 +63,8 @@ class Config(RolloutConfig):
             yield "recipe keys 'method.beta' and 'method.beta_prev' must be >= 0"
 
     def last_index(self) -> int:
-        return self.rollout_steps - 2 if self.t_last is None else self.t_last
+        """The reference's exclusive end int(rollout_steps * timestep_fraction), fraction 0.9, less one."""
+        return int(0.9 * self.rollout_steps) - 1 if self.t_last is None else self.t_last
 
 
 def ghuber(m: torch.Tensor, t: torch.Tensor, p: float = 0.25) -> torch.Tensor:
@@ -68,15 +73,21 @@ def ghuber(m: torch.Tensor, t: torch.Tensor, p: float = 0.25) -> torch.Tensor:
 
 
 def prev_decay(step: int, rate: float = 0.001, cap: float = 0.3) -> float:
-    """d = min(cap, rate * step): the previous-policy copy follows the model closely at first."""
+    """d = min(cap, rate * step) after the step of index `step` (from 0): the copy follows closely at first."""
     return min(cap, rate * step)
 
 
+def strata_edges(count: int, first: int, last: int) -> torch.Tensor:
+    """floor(linspace(first, last + 1, count + 1)) in integers: stratum j is [edge_j, edge_{j+1}), as the reference's
+    `linspace(first, int(steps * timestep_fraction), T + 1).long()` (14 steps from 1: {1}, {2, 3}, ..., {10, 11})."""
+    return first + torch.arange(count + 1) * (last + 1 - first) // count
+
+
 def stratified_indices(gen: torch.Generator, count: int, first: int, last: int) -> torch.Tensor:
-    """One index drawn uniformly from each of `count` contiguous, near-equal strata of [first, last]."""
-    strata = np.array_split(np.arange(first, last + 1), count)
+    """One index drawn uniformly from each of the `count` strata of [first, last] (`strata_edges`)."""
+    edges = strata_edges(count, first, last)
     u = torch.rand(count, generator=gen, dtype=torch.float64)
-    return torch.tensor([int(s[min(len(s) - 1, int(ui * len(s)))]) for s, ui in zip(strata, u.tolist())])
+    return edges[:-1] + (u * (edges[1:] - edges[:-1])).long()
 
 
 class Method(RewardMethod):
@@ -84,7 +95,9 @@ class Method(RewardMethod):
 
     def targets(self) -> dict:
         c = self.cfg
-        return {"previous": lambda step: prev_decay(step, c.prev_decay_rate, c.prev_decay_max)} if c.beta_prev > 0 else {}
+        if c.beta_prev == 0:
+            return {}
+        return {"previous": lambda step: prev_decay(step, c.prev_decay_rate, c.prev_decay_max)}
 
     def rollout(self, policy, noise, labels):
         sampler = self.gen.sampler(self.cfg.rollout_sampler)

@@ -28,7 +28,7 @@ class RolloutConfig:
     reward: str = "digit-class"     # a name in cmgen.rewards
     group_size: int = 8             # k rollouts per condition; train.batch_size = conditions x k
     rollout_steps: int = 10         # sampler steps of a rollout
-    rollout_shift: float = 1.0      # SD3 time shift of the rollout grid (3 for SD3.5)
+    rollout_shift: float = 1.0      # time shift of the rollout grid (model.arch sd3: its scheduler's, 3 for SD3.5)
     sde_a: float = 0.7              # SDE noise level a: sigma_t = a sqrt(t / (1 - t))
     global_std: bool = True         # normalise by the std of the whole gathered batch (else the group's)
     adv_clip: float = 5.0           # A clipped to +-adv_clip, then divided by it (A in [-1, 1])
@@ -112,8 +112,9 @@ class RewardMethod(BaseMethod):
         self.times = torch.tensor(self.rollout_times(), dtype=torch.float64)
 
     def rollout_times(self) -> list[float]:
-        from cmgen.sampling.flow import flow_times
-        return flow_times(self.cfg.rollout_steps, self.cfg.rollout_shift)
+        """The rollout grid, which the loss times index: an SD3 pipeline's scheduler sigmas, else shifted even times."""
+        from cmgen.sampling.registry import flow_grid
+        return flow_grid(self.recipe, self.cfg.rollout_steps, self.cfg.rollout_shift, "method.rollout_shift")
 
     def _load_base(self, base: str) -> None:
         if not base:

@@ -71,6 +71,20 @@ def load_pipeline(folder: str):
     return StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True)
 
 
+def scheduler_times(recipe, steps: int, shift: float, key: str) -> list[float]:
+    """The pipeline scheduler's own sigmas for `steps` steps, ending in 0: what StableDiffusion3Pipeline (and so the
+    exported LoRA pipeline) samples on; for SD3.5's FlowMatchEulerDiscreteScheduler shift(linspace(1, sigma_min,
+    steps)) + [0], with sigma_min itself shifted. `shift` is the recipe's value under `key`, which must agree."""
+    sched = load_pipeline(pipeline_folder(recipe)).scheduler
+    own = float(sched.config.get("shift", 1.0))
+    if abs(own - shift) > 1e-6:
+        raise UserError(f"recipe key '{key}' ({shift:g}) must be the SD3 pipeline scheduler's shift ({own:g}), "
+                        f"which sets the sampling grid of model.arch sd3; set it to {own:g}")
+    grid = type(sched).from_config(sched.config)   # a fresh copy: set_timesteps changes its scheduler
+    grid.set_timesteps(steps)
+    return [float(t) for t in grid.sigmas]
+
+
 class SD3Backbone(nn.Module):
     loads_itself = True   # model.init_from is read here, not by cmgen.pretrained.load_init_weights
 
