@@ -87,7 +87,9 @@ def test_aesthetic_without_weights_is_one_clear_sentence(monkeypatch):
     assert "--aesthetic" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_aesthetic_head_on_clip_embeddings(monkeypatch, tmp_path):
+def _tiny_aesthetic(monkeypatch, tmp_path):
+    """(the aesthetic reward on a stand-in `clip` package, its head's state dict, the stand-in's projection,
+    the head applied to embeddings in float64)."""
     # LAION's head: Linear layers at indices 0, 2, 4, 6, 7 (dropouts between), no activations
     g = torch.Generator().manual_seed(0)
     dims = [(6, 5), (5, 4), (4, 3), (3, 2), (2, 1)]
@@ -99,26 +101,64 @@ def test_aesthetic_head_on_clip_embeddings(monkeypatch, tmp_path):
     torch.save(state, head_file)
     clip_file = tmp_path / "ViT-L-14.pt"
     clip_file.write_bytes(b"stand-in")
+    torch.manual_seed(0)
     proj = torch.nn.Linear(3, 6)
 
     class TinyClip(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = proj
+
         def encode_image(self, x):
-            return proj(x.mean((2, 3)))
+            return self.proj(x.mean((2, 3)))
+
+    def head(emb):
+        e = emb.double() / emb.double().norm(dim=-1, keepdim=True)
+        for idx in (0, 2, 4, 6, 7):
+            e = e @ state[f"layers.{idx}.weight"].double().T + state[f"layers.{idx}.bias"].double()
+        return e[:, 0]
 
     monkeypatch.setitem(sys.modules, "clip", types.SimpleNamespace(load=lambda *a, **k: (TinyClip(), None)))
-    r = build_reward("aesthetic", aesthetic=str(head_file), clip=str(clip_file))
+    return build_reward("aesthetic", aesthetic=str(head_file), clip=str(clip_file)), proj, head
+
+
+def test_aesthetic_head_on_clip_embeddings(monkeypatch, tmp_path):
+    r, proj, head = _tiny_aesthetic(monkeypatch, tmp_path)
     flat, noisy = _images()
     got = r.fn(noisy)
     from cmgen.eval.features import clip_preprocess
 
-    with torch.no_grad():
-        e = proj(clip_preprocess(noisy).mean((2, 3))).double()
-    e = e / e.norm(dim=-1, keepdim=True)
-    for idx in (0, 2, 4, 6, 7):
-        e = e @ state[f"layers.{idx}.weight"].double().T + state[f"layers.{idx}.bias"].double()
-    np.testing.assert_allclose(got, e[:, 0].numpy(), rtol=1e-6)
+    with torch.no_grad():   # evaluation: clean-fid's uint8 CLIP input, as before the training path had gradients
+        want = head(proj(clip_preprocess(noisy).mean((2, 3))))
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-6)
     deep = {"net.10.weight": torch.zeros(1, 3), "net.2.weight": torch.zeros(3, 7)}
     assert [w.shape[1] for w, _ in linear_stack_from_state(deep)] == [7, 3]  # numeric order: 2 before 10
+
+
+def test_aesthetic_is_differentiable_through_float_clip_preprocessing(monkeypatch, tmp_path):
+    """Training (RG-LCD's direct mode) scores float images: clip_input's float resize, crop and normalisation,
+    CLIP, the unit norm and the head; its gradient agrees with central finite differences."""
+    from cmgen.eval.features import clip_preprocess
+    from cmgen.rewards.weights import clip_input
+
+    r, proj, head = _tiny_aesthetic(monkeypatch, tmp_path)
+    assert r.differentiable and REWARDS["aesthetic"].differentiable
+    _, noisy = _images()
+    x = torch.from_numpy(noisy).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = (x * 0.8).requires_grad_(True)   # inside [-1, 1]: the clamp passes gradients
+    got = r(x)
+    with torch.no_grad():
+        want = head(proj(clip_input(x).mean((2, 3))))
+        uint8_path = head(proj(clip_preprocess(noisy).mean((2, 3))))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got.double(), uint8_path, atol=1e-6)   # the float path: no uint8 round trip
+    got.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    h = 1e-2
+    with torch.no_grad():
+        fd = (r(x + h * v).double() - r(x - h * v).double()).sum() / (2 * h)
+    assert (x.grad * v).sum().item() == pytest.approx(fd.item(), rel=1e-2, abs=1e-4)
 
 
 @pytest.mark.parametrize("name, option", [("aesthetic", "--aesthetic"), ("hpsv2.1", "--hpsv21")])

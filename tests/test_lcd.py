@@ -168,20 +168,22 @@ def test_reward_term_is_minus_beta_r_of_the_decoded_student_output(cache, teache
 
 
 def test_pairwise_kl_is_the_sum_over_pairs_of_kl_expert_to_lrm():
-    from cmgen.rewards.lrm import PAIRS, pairwise_kl
+    """RG-LCD adds F.kl_div(log q, p, reduction="batchmean") for each of the pairs (student, target),
+    (student, real), (target, real): a sum over the 3 pairs of per-sample means."""
+    from cmgen.rewards.lrm import pairwise_kl
 
+    pairs = ((0, 1), (0, 2), (1, 2))   # written out: the module's PAIRS could lose one unnoticed
     g = torch.Generator().manual_seed(0)
     expert, lrm = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g).requires_grad_(True)
     got, agree = pairwise_kl(expert, lrm)
     want = 0.0
-    for a, b in PAIRS:
+    for a, b in pairs:
         p = torch.softmax(expert[:, [a, b]], 1)
-        q = torch.softmax(lrm[:, [a, b]], 1)
-        want = want + (p * (p.log() - q.log())).sum(1).mean() / 3
+        want = want + torch.nn.functional.kl_div(torch.log_softmax(lrm[:, [a, b]], 1), p, reduction="batchmean")
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     # KL(p || q), not KL(q || p)
     rev = sum((torch.softmax(lrm[:, [a, b]], 1) * (torch.log_softmax(lrm[:, [a, b]], 1)
-              - torch.log_softmax(expert[:, [a, b]], 1))).sum(1).mean() / 3 for a, b in PAIRS)
+              - torch.log_softmax(expert[:, [a, b]], 1))).sum(1).mean() for a, b in pairs)
     assert abs(got.item() - rev.item()) > 1e-3
     got.backward()
     assert lrm.grad.abs().sum() > 0
@@ -431,3 +433,83 @@ def test_a_latent_diffusion_teacher_is_not_exported_but_says_how_to_sample_it(te
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds a ldm model" in err[0] and "cmgen sample" in err[0]
     assert not out.exists()
+
+
+def test_the_students_lrm_reward_gradient_is_minus_beta_dcos_dpred(cache, teacher, tmp_path, monkeypatch):
+    """lrm mode: dL/df = dL_LCD/df - beta d cos(img(f), txt(c)) / df, through the frozen LRM into f."""
+    from cmgen.methods.lcd import pseudo_huber_elementwise
+
+    beta = 0.7
+    tr = trainer(cache, teacher, tmp_path, reward_mode="lrm", reward="jpeg-compressibility", reward_scale=beta)
+    m, lrm = tr.method, tr.nets.lrm
+    batch = tr._batch(0)
+    pred, target = m.lcd_pair(tr.nets, batch)
+    leaf = pred.detach().clone().requires_grad_(True)
+    monkeypatch.setattr(m, "lcd_pair", lambda nets, b: (leaf, target))
+    m.loss(tr.nets, batch, 0)["loss"].backward()
+    f1 = leaf.detach().clone().requires_grad_(True)
+    pseudo_huber_elementwise(f1, target, 0.001).backward()
+    f2 = leaf.detach().clone().requires_grad_(True)
+    img = torch.nn.functional.normalize(lrm.image(f2), dim=-1)
+    txt = torch.nn.functional.normalize(lrm.condition(batch.labels, len(f2), f2.device), dim=-1)
+    (img * txt).sum(-1).mean().backward()
+    assert f2.grad.abs().sum() > 0
+    assert torch.allclose(leaf.grad, f1.grad - beta * f2.grad, atol=1e-7)
+
+
+def test_target_ema_moves_after_the_model_phase_only_in_lrm_mode(cache, teacher, tmp_path):
+    """Phases (model, lrm): the target takes one 0.95 EMA step per optimizer step, after the student's phase,
+    never after the LRM's (an LRM-only pretraining step leaves it as it was)."""
+    tr = trainer(cache, teacher, tmp_path, reward_mode="lrm", reward="jpeg-compressibility", lrm_pretrain_steps=1)
+    target = tr.targets["target"].module
+    before = [p.detach().clone() for p in target.parameters()]
+    assert tr.method.phases(0) == ("lrm",)
+    tr.train_step()
+    assert all(torch.equal(a, b) for a, b in zip(before, target.parameters()))
+    assert tr.method.phases(1) == ("model", "lrm")
+    tr.train_step()
+    moved = 0
+    for b, a, m in zip(before, target.parameters(), tr.gen.net.parameters()):
+        assert torch.allclose(a, 0.95 * b + 0.05 * m.detach(), atol=1e-6)
+        moved += int(not torch.equal(a, b))
+    assert moved > 0
+
+
+def test_expert_pair_logits_default_to_the_experts_own_logit_scale(cache, teacher, tmp_path, monkeypatch):
+    """RG-LCD's expert logits are logit_scale x cos for CLIP-style experts (HPSv2.1: ~100 x cos): with
+    method.expert_scale unset the expert's Reward.logit_scale multiplies its rewards; an expert without one
+    (JPEG size) keeps its rewards as logits; a recipe's expert_scale overrides both."""
+    import cmgen.rewards.differentiable as rd
+    from cmgen.rewards import Reward
+    from cmgen.rewards.lrm import pairwise_kl
+
+    for scale, logit_scale, want_scale in ((None, 100.0, 100.0), (None, None, 1.0), (3.0, 100.0, 3.0)):
+        expert = Reward("stand-in", lambda x, c=None: x.flatten(1).mean(1), "mean pixel", logit_scale=logit_scale)
+        monkeypatch.setattr(rd, "build_reward", lambda name, expert=expert, **options: expert)
+        extra = {} if scale is None else {"expert_scale": scale}
+        tr = trainer(cache, teacher, tmp_path / str(want_scale), reward_mode="lrm", reward="jpeg-compressibility",
+                     **extra)
+        m, batch = tr.method, tr._batch(0)
+        m.loss(tr.nets, batch, 0)
+        batch.phase = "lrm"
+        out = m.lrm_loss(tr.nets, batch)
+        latents = (*batch.extra["triplet"], batch.x)
+        expert = torch.stack([m.decode(z).flatten(1).mean(1) for z in latents], 1)
+        lrm = torch.stack([tr.nets.lrm(z, batch.labels) for z in latents], 1)
+        assert out["loss"].item() == pytest.approx(pairwise_kl(want_scale * expert, lrm)[0].item(), rel=1e-5)
+        assert out["expert"].item() == pytest.approx(expert[:, 0].mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("mode, name", [("direct", "reward"), ("lrm", "expert")])
+def test_reward_networks_are_frozen_nets_that_the_loop_places_on_its_device(cache, teacher, tmp_path, mode, name):
+    """The direct reward's and the LRM expert's networks are Method.frozen() entries, which the Trainer moves
+    to its device with the teacher; the reward then scores where its network is (meta stands in for a GPU)."""
+    tr = trainer(cache, teacher, tmp_path, reward_mode=mode, reward="digit-class")
+    m = tr.method
+    reward = m.reward_fn if mode == "direct" else m.expert
+    assert m.frozen()[name] is reward.module and tr.nets[name] is reward.module
+    assert not any(p.requires_grad for p in reward.module.parameters())
+    x, labels = m.decode(tr._batch(0).x.float()).detach(), tr._batch(0).labels
+    here = reward(x, labels)
+    reward.module.to("meta")
+    assert reward(x, labels).device.type == "meta" and here.device == x.device

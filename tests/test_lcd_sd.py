@@ -42,6 +42,30 @@ def test_sd_teacher_prompts_and_null_condition(tiny_sd, tmp_path):
     assert torch.isfinite(out["loss"])
 
 
+def test_the_sd_teachers_null_condition_is_the_empty_prompts_embeddings_for_every_row(tiny_sd, tmp_path):
+    from cmgen.sd import encode_prompts
+
+    tr = _trainer(tiny_sd, tmp_path, reward="ink")
+    cond = encode_prompts(tiny_sd, ["a red cube", "two cats", "a lighthouse"])
+    null = tr.method.null(cond)
+    assert null.shape == cond.shape
+    assert torch.allclose(null, encode_prompts(tiny_sd, ["", "", ""]), atol=1e-6)
+    assert not torch.allclose(null, cond, atol=1e-3)
+
+
+def test_the_sd15_recipe_names_its_deviations_from_the_papers_sd21_run():
+    """RG-LCD's run distils SD 2.1 (v-prediction, 768 px) with 8-bit Adam; a recipe that differs says so."""
+    from cmgen.recipe import load_recipe
+
+    r = load_recipe("rglcd_sd15_hps")
+    text = " ".join(r.description.split())
+    assert "paper's settings" not in text
+    if "stable-diffusion-2-1" not in r.method.teacher:
+        assert "not SD 2.1 (v-prediction, 768 px)" in text and "method.prediction_type=v_prediction" in text
+    if r.optim.name != "adamw8bit":
+        assert "not the 8-bit Adam" in text
+
+
 def test_a_v_prediction_teacher_is_read_as_v_prediction(tiny_sd, tmp_path):
     """The same UNet weights saved with prediction_type v_prediction: the teacher's x_0 is a z - s v, not the
     eps-prediction (z - s eps) / a of the stock pipeline."""

@@ -15,7 +15,10 @@ Reward guidance: L = L_LCD - reward_scale * mean R(f), R on the student's one-st
   VAE decoder and the reward net into f);
 - `reward_mode: lrm`: R = the latent proxy reward model (cmgen.rewards.lrm) of f itself, frozen in the model
   step; after every model step the LRM takes its own optimizer step on the pairwise KL between the expert's
-  and its own preferences over the triplet {f, target, real latent} (the expert may be non-differentiable).
+  and its own preferences over the triplet {f, target, real latent}, summed over the 3 pairs (the expert may
+  be non-differentiable; its pair logits are expert_scale x R, by default the expert's own logit scale:
+  HPSv2.1's CLIP logit scale x cos, as RG-LCD scores it).
+ImageReward is capped at 2 in training, as RG-LCD's; the reward networks run on the run's device (frozen()).
 With reward_scale = 0 no reward is computed: the student's updates are plain LCD's, bit for bit.
 
 Text teachers (a Stable Diffusion pipeline) train on a latent cache in SD's scaling (`cmgen latents encode
@@ -60,7 +63,8 @@ class Config:
     lrm_loss: str = "kl"            # kl: pairwise KL to the expert's preferences | ce: the real latent wins
     lrm_lr: float = 3.3e-6          # AdamW of the LRM (RG-LCD's)
     lrm_width: int = 512            # LRM embedding width (digits: an MLP; SD: see cmgen.rewards.lrm)
-    expert_scale: float = 1.0       # expert reward -> pair logit scale
+    expert_scale: Optional[float] = None  # expert reward -> pair logit scale; None: the expert's logit scale
+                                    # (HPSv2.1: its CLIP's, ~100; PickScore: 26, undoing its / 26), else 1
     lrm_warmup_steps: int = 0       # steps before the LRM reward enters the student's loss
     lrm_pretrain_steps: int = 0     # first steps of the run in which only the LRM trains, on real latents and
                                     # noised copies scored by the expert (stand-in for RG-LCD's separately
@@ -90,6 +94,8 @@ class Config:
             yield "recipe key 'method.reward_scale' must be at least 0"
         if self.lrm_pretrain_steps < 0 or self.lrm_pretrain_noise < 0:
             yield "recipe keys 'method.lrm_pretrain_steps' and 'method.lrm_pretrain_noise' must be at least 0"
+        if self.expert_scale is not None and self.expert_scale <= 0:
+            yield "recipe key 'method.expert_scale' must be positive (or left out: the expert's own logit scale)"
         if self.lrm_pretrain_steps and self.reward_mode != "lrm":
             yield "recipe key 'method.lrm_pretrain_steps' needs method.reward_mode: lrm (set it to 0 otherwise)"
 
@@ -194,6 +200,8 @@ class Method(BaseMethod):
             from cmgen.rewards.lrm import build_lrm
 
             self.expert = build_reward(cfg.reward, target_class=cfg.target_class, differentiable=False)
+            if cfg.expert_scale is None:   # the expert's own logit scale (RG-LCD's expert logits), else 1
+                self.cfg = dataclasses.replace(cfg, expert_scale=getattr(self.expert, "logit_scale", None) or 1.0)
             self.lrm = build_lrm(gen.shape, gen.num_classes, cfg.lrm_width, cond_dim=self._cond_dim())
 
     @property
@@ -211,7 +219,10 @@ class Method(BaseMethod):
                             f"({t.prediction_type}, {t.schedule}); copy them from the teacher")
 
     def frozen(self):
-        return {"teacher": self.teacher}
+        """The teacher and the reward networks (direct reward, LRM expert), which the loop moves to its device."""
+        nets = {"teacher": self.teacher, "reward": getattr(self.reward_fn, "module", None),
+                "expert": getattr(self.expert, "module", None)}
+        return {name: net for name, net in nets.items() if net is not None}
 
     def targets(self):
         return {"target": self.cfg.target_decay}

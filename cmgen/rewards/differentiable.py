@@ -4,8 +4,10 @@ its LRM expert). Images are NCHW floats, about [-1, 1]; `cond` is the batch's cl
 Differentiable: `digit-class` (the digits classifier's probability of the sample's own class, or of
 `target_class`), `ink` (mean brightness in [0, 1]), `jpeg-surrogate` (minus the JPEG size in kB predicted
 by a small CNN trained here, cmgen.rewards.jpeg). Not differentiable (experts for the LRM):
-`jpeg-compressibility` (minus the real JPEG size in kB, cmgen.rewards.jpeg). Weight-backed experts
-(the cmgen.rewards registry): `hpsv2.1`, `pickscore`, `imagereward`, `clipscore`, `aesthetic`.
+`jpeg-compressibility` (minus the real JPEG size in kB, cmgen.rewards.jpeg). Weight-backed (the
+cmgen.rewards registry, differentiable): `hpsv2.1`, `pickscore`, `imagereward` (capped at 2 here, as RG-LCD
+trains on it), `clipscore`, `aesthetic`, `hpsv2.1+0.1imagereward`. A reward's network (`.module`) is built on
+the CPU; the method hands it to the loop (Method.frozen), which moves it to the run's device.
 """
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ def _refuse_gradient_free(name: str):
 def build_reward(name: str, *, target_class: Optional[int] = None, differentiable: bool = True,
                  device="cpu") -> RewardFn:
     """The reward `name` as R(images, cond) -> [B]; `differentiable` refuses the ones without gradients. Every name but
-    `ink` (the registry's `brightness`, under its RG-LCD recipe name) comes from the cmgen.rewards registry."""
+    `ink` (the registry's `brightness`, under its RG-LCD recipe name) comes from the cmgen.rewards registry, with
+    `imagereward` capped at 2 as RG-LCD trains on it."""
     key = (name or "").strip().lower().replace("_", "-")
     if target_class is not None and not 0 <= target_class <= 9:
         raise UserError(f"recipe key 'method.target_class' must be a digit 0..9, got {target_class}")
@@ -61,6 +64,11 @@ def build_reward(name: str, *, target_class: Optional[int] = None, differentiabl
     if key in shared.REWARDS:
         if differentiable and not shared.REWARDS[key].differentiable:
             _refuse_gradient_free(key)
-        return shared.build_reward(key, "method.reward", target_class=target_class, device=device)
+        reward = shared.build_reward(key, "method.reward", target_class=target_class, device=device)
+        if key == "imagereward":
+            from cmgen.rewards.weights import capped_imagereward
+
+            return capped_imagereward(reward)
+        return reward
     known = ["ink", *shared.REWARDS]
     raise UserError(f"recipe key 'method.reward' names an unknown reward '{name}'; use one of {', '.join(known)}")

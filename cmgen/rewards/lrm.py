@@ -63,15 +63,16 @@ def build_lrm(latent_shape, num_classes: int, width: int = 512, cond_dim: Option
 
 
 def pairwise_kl(expert: torch.Tensor, lrm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean over samples and the 3 pairs of KL(softmax(expert pair) || softmax(lrm pair)), the fraction of
-    pairs the LRM orders as the expert does). `expert` and `lrm` are [B, 3] logits; gradients reach `lrm`."""
+    """(sum over the 3 pairs of the per-sample mean of KL(softmax(expert pair) || softmax(lrm pair)), as RG-LCD
+    adds one F.kl_div(..., "batchmean") per pair; the fraction of pairs the LRM orders as the expert does).
+    `expert` and `lrm` are [B, 3] logits; gradients reach `lrm`."""
     kls, agree = [], []
     for a, b in PAIRS:
         p_log = torch.log_softmax(expert[:, [a, b]].float(), 1)
         q_log = torch.log_softmax(lrm[:, [a, b]].float(), 1)
         kls.append((p_log.exp() * (p_log - q_log)).sum(1))
         agree.append(((expert[:, a] - expert[:, b]) * (lrm[:, a] - lrm[:, b]).detach() > 0).float())
-    return torch.stack(kls, 1).mean(), torch.stack(agree, 1).mean()
+    return torch.stack(kls, 1).sum(1).mean(), torch.stack(agree, 1).mean()
 
 
 def pairwise_real_ce(lrm: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,14 @@
-"""Weight-backed rewards: LAION aesthetic, PickScore, HPSv2.1, ImageReward, CLIPScore.
+"""Weight-backed rewards: LAION aesthetic, PickScore, HPSv2.1, ImageReward, CLIPScore, and RG-LCD's
+HPSv2.1 + 0.1 min(ImageReward, 2).
 
 cmgen never downloads: each reads its weights from a path given as an option or an environment
 variable and, without them, raises one sentence naming what to download and where to point it.
-Prompted rewards take `cond` as a list of prompts, one per image.
+Prompted rewards take `cond` as a list of prompts, one per image. Each scores on the device of its
+network (Reward.module), wherever a training loop has moved it.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Optional
@@ -13,12 +16,13 @@ from typing import Optional
 import torch
 
 from cmgen.errors import UserError
-from cmgen.rewards import Reward
+from cmgen.rewards import Reward, device_of
 
 AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
                  "sac+logos+ava1-l14-linearMSE.pth")
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGEREWARD_CAP = 2.0   # RG-LCD trains on min(ImageReward, 2) (reward_fn.py); evaluation reads the raw score
 
 
 def weights_path(explicit: Optional[str], env: str, what: str, source: str, option: str) -> Path:
@@ -106,27 +110,30 @@ def load_aesthetic_head(explicit: Optional[str]) -> tuple[list, Path]:
 
 
 def aesthetic(aesthetic: Optional[str] = None, clip: Optional[str] = None, device="cpu") -> Reward:
-    import numpy as np
-
+    """The LAION predictor on unit-norm CLIP embeddings. Training (`score`) preprocesses float images
+    differentiably (clip_input); evaluation (`fn`) keeps clean-fid's uint8 CLIP input (clip_preprocess)."""
     from cmgen.eval.features import clip_preprocess, load_clip
-    from cmgen.plots import to_uint8
 
     head, head_path = load_aesthetic_head(aesthetic)
     model, clip_file = load_clip(clip, device)
+    model.requires_grad_(False)
 
-    @torch.no_grad()
-    def score(x: torch.Tensor, cond=None) -> torch.Tensor:
-        images = to_uint8(x) if x.dtype != torch.uint8 else np.asarray(x)
-        emb = model.encode_image(clip_preprocess(images).to(device)).double().cpu()
+    def predict(pixels: torch.Tensor) -> torch.Tensor:
+        emb = model.encode_image(pixels.to(device_of(model))).double()
         e = emb / emb.norm(dim=-1, keepdim=True)  # the predictor was trained on unit-norm CLIP embeddings
         if e.shape[1] != head[0][0].shape[1]:
             raise UserError(f"--clip gives {e.shape[1]}-d embeddings but --aesthetic expects "
                             f"{head[0][0].shape[1]}-d (CLIP ViT-L/14); pass matching files")
         for w, b in head:
-            e = e @ w.T + (0 if b is None else b)
+            e = e @ w.T.to(e.device) + (0 if b is None else b.to(e.device))
         return e[:, 0]
 
-    return Reward("aesthetic", score, "LAION aesthetic predictor on CLIP image embeddings",
+    @torch.no_grad()
+    def evaluate(images, cond=None):
+        return predict(clip_preprocess(images)).cpu().numpy()
+
+    return Reward("aesthetic", lambda x, cond=None: predict(clip_input(x)).float(),
+                  "LAION aesthetic predictor on CLIP image embeddings", module=model, evaluate=evaluate,
                   details={"aesthetic_weights": str(head_path), "clip_weights": str(clip_file)})
 
 
@@ -161,10 +168,12 @@ def pickscore(pickscore: Optional[str] = None, device="cpu") -> Reward:
     model, tok = _hf_clip(path, "pickscore", device)
 
     def score(x, cond=None):
+        device = device_of(model)
         sim = _clip_similarity(model, tok, x, _prompts(cond, len(x), "pickscore"), device)
         return model.logit_scale.exp() * sim / 26.0
 
-    return Reward("pickscore", score, "PickScore logit / 26", details={"weights": str(path)})
+    return Reward("pickscore", score, "PickScore logit / 26", details={"weights": str(path)}, module=model,
+                  logit_scale=26.0)
 
 
 def clipscore(clipscore: Optional[str] = None, device="cpu") -> Reward:
@@ -174,9 +183,10 @@ def clipscore(clipscore: Optional[str] = None, device="cpu") -> Reward:
     model, tok = _hf_clip(path, "clipscore", device)
 
     def score(x, cond=None):
+        device = device_of(model)
         return 100 * _clip_similarity(model, tok, x, _prompts(cond, len(x), "clipscore"), device).clamp(min=0)
 
-    return Reward("clipscore", score, "CLIPScore 100 max(cos, 0)", details={"weights": str(path)})
+    return Reward("clipscore", score, "CLIPScore 100 max(cos, 0)", details={"weights": str(path)}, module=model)
 
 
 def hpsv21(hpsv21: Optional[str] = None, device="cpu") -> Reward:
@@ -193,11 +203,14 @@ def hpsv21(hpsv21: Optional[str] = None, device="cpu") -> Reward:
     tokenizer = open_clip.get_tokenizer("ViT-H-14")
 
     def score(x, cond=None):
+        device = device_of(model)
         img = model.encode_image(clip_input(x).to(device), normalize=True)
         txt = model.encode_text(tokenizer(_prompts(cond, len(x), "hpsv2.1")).to(device), normalize=True)
         return (img * txt).sum(-1)
 
-    return Reward("hpsv2.1", score, "HPSv2.1 cos(image, prompt)", details={"weights": str(path)})
+    # RG-LCD's expert logits for the LRM are logit_scale x cos (reward_fn.py, return_logits)
+    return Reward("hpsv2.1", score, "HPSv2.1 cos(image, prompt)", details={"weights": str(path)}, module=model,
+                  logit_scale=float(model.logit_scale.exp()))
 
 
 def imagereward(imagereward: Optional[str] = None, device="cpu") -> Reward:
@@ -216,8 +229,28 @@ def imagereward(imagereward: Optional[str] = None, device="cpu") -> Reward:
 
     def score(x, cond=None):
         prompts = _prompts(cond, len(x), "imagereward")
+        model.device = device = device_of(model)   # score_gard reads this attribute, which .to() leaves alone
         ids = model.blip.tokenizer(prompts, padding="max_length", truncation=True, max_length=35,
                                    return_tensors="pt").to(device)
         return model.score_gard(ids.input_ids, ids.attention_mask, clip_input(x).to(device))[:, 0]
 
-    return Reward("imagereward", score, "ImageReward score", details={"weights": str(path)})
+    return Reward("imagereward", score, "ImageReward score", details={"weights": str(path)}, module=model)
+
+
+def capped_imagereward(reward: Reward) -> Reward:
+    """min(ImageReward, 2), the ImageReward RG-LCD trains on (reward_fn.py: -relu(2 - r)), direct or as the
+    LRM's expert; `cmgen eval reward imagereward` reads the raw score."""
+    return dataclasses.replace(reward, score=lambda x, cond=None: reward.score(x, cond).clamp(max=IMAGEREWARD_CAP),
+                               description=f"min({reward.description}, {IMAGEREWARD_CAP:g})")
+
+
+def hpsv21_imagereward(hpsv21: Optional[str] = None, imagereward: Optional[str] = None, device="cpu") -> Reward:
+    """RG-LCD's weighted reward (reward_fn.py): HPSv2.1 + 0.1 min(ImageReward, 2)."""
+    from cmgen.rewards import build_reward
+
+    hps = build_reward("hpsv2.1", hpsv21=hpsv21, device=device)
+    ir = capped_imagereward(build_reward("imagereward", imagereward=imagereward, device=device))
+    return Reward("hpsv2.1+0.1imagereward", lambda x, cond=None: hps(x, cond) + 0.1 * ir(x, cond),
+                  f"{hps.description} + 0.1 {ir.description}",
+                  details={"hpsv2.1": hps.details, "imagereward": ir.details},
+                  module=torch.nn.ModuleDict({"hpsv21": hps.module, "imagereward": ir.module}))
