@@ -1,6 +1,7 @@
 """CTM formulas: the jump and its scalings, the two-time network and its teacher initialisation, the time
 draws, the teacher's Heun steps, which call carries the gradient, DSM, the adaptive weight, the GAN's hinge
 loss and G/D alternation, and gamma-sampling's two limits."""
+import dataclasses
 import math
 
 import pytest
@@ -681,6 +682,12 @@ def test_paper_settings_of_the_ctm_gpu_recipes():
         ("radam", 4e-4, 256, 50000, 2e-3, (0.5, 0.9), 2)
     assert m.target_decay_gan == 0.9999                  # the unconditional CIFAR-10 GAN run's theta⁻
     i = load_recipe("ctm_imagenet64")
+    teacher = load_recipe("edm_imagenet64")   # the recipe of its teacher run (runs/edm_imagenet64)
+    assert i.method.teacher == "runs/edm_imagenet64" and teacher.method.__module__.endswith("edm")
+    assert dataclasses.replace(teacher.model, dropout=i.model.dropout) == i.model   # load_teacher's shape check
+    assert (teacher.precond, teacher.data) == (i.precond, i.data)                  # c_noise cm, sigma_data
+    assert (teacher.train.batch_size, teacher.optim.lr, teacher.model.dropout) == (4096, 2e-4, 0.1)
+    assert teacher.train.ema_decay == pytest.approx(0.5 ** (4096 / 50e6), abs=1e-6)   # half-life 50M images
     assert (i.method.grid, i.method.max_k, i.train.batch_size, i.model.class_conditional, i.precond.c_noise) == \
         (40, 39, 1440, True, "cm")
 
