@@ -233,12 +233,17 @@ def load_clip(explicit: Optional[str], device="cpu"):
 
 
 def clip_preprocess(images: np.ndarray) -> torch.Tensor:
-    """clean-fid's CLIP input: bicubic resize of the short side to 224, centre crop 224, CLIP normalisation."""
+    """clean-fid's CLIP input (img_preprocess_clip), bit for bit: each image through PIL, its short side resized
+    to 224 (bicubic), centre-cropped to 224, kept as uint8; then / 255 and CLIP's normalisation."""
     import torchvision.transforms.functional as TF
+    from PIL import Image
 
-    x = torch.from_numpy(as_rgb(images)).permute(0, 3, 1, 2)
-    x = TF.center_crop(TF.resize(x, 224, interpolation=TF.InterpolationMode.BICUBIC, antialias=True), 224)
-    x = x.float().clamp(0, 255) / 255.0
+    def one(img: np.ndarray) -> np.ndarray:
+        pil = TF.center_crop(TF.resize(Image.fromarray(img), 224, interpolation=TF.InterpolationMode.BICUBIC), 224)
+        return np.asarray(pil)
+
+    x = torch.from_numpy(np.stack([one(img) for img in as_rgb(images)])).permute(0, 3, 1, 2)
+    x = x.float() / 255.0
     return TF.normalize(x, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 
 

@@ -236,3 +236,17 @@ def test_in_loop_evaluation_uses_the_recipes_inception_mode(standin, monkeypatch
     assert _feature_net(clean, (3, 32, 32), "cpu").protocol["mode"] == "clean"
     with pytest.raises(UserError, match="'eval.mode'"):
         load_recipe("ict_cifar10", ["eval.mode=legacy_pytorch"])
+
+
+def test_clip_input_is_clean_fids_bit_for_bit(monkeypatch):
+    if "clip" not in sys.modules:   # clean-fid's module imports openai's clip package at import time only
+        monkeypatch.setitem(sys.modules, "clip", types.ModuleType("clip"))
+    from cleanfid.clip_features import img_preprocess_clip
+
+    rng = np.random.default_rng(0)
+    mean, std = np.array((0.48145466, 0.4578275, 0.40821073)), np.array((0.26862954, 0.26130258, 0.27577711))
+    for shape in ((8, 8, 3), (32, 64, 3), (300, 200, 3), (24, 24, 1)):
+        images = rng.integers(0, 256, size=(3, *shape), dtype=np.uint8)
+        want = np.stack([img_preprocess_clip(img if shape[2] == 3 else img[..., 0]) for img in images])
+        got = (F.clip_preprocess(images).numpy().transpose(0, 2, 3, 1) * std + mean) * 255
+        assert np.abs(got - want).max() < 1e-3, shape
