@@ -370,9 +370,6 @@ def validate(r: Recipe) -> None:
          f"recipe key 'optim.decay' must be constant, cosine or linear, got '{r.optim.decay}'")
     need(r.data.name in ("digits", "toy2d", "folder", "cifar10", "random", "latents", "prompts"),
          f"recipe key 'data.name' must be digits, toy2d, folder, cifar10, random, latents or prompts, got '{r.data.name}'")
-    need(not (r.data.hflip and r.data.name == "latents"),
-         "recipe key 'data.hflip' must be false when data.name is latents: a flipped latent is not the latent of the "
-         "flipped image; store the flips in the cache with `cmgen latents encode ... --hflip` instead")
     need(r.data.toy in ("ring", "moons"), f"recipe key 'data.toy' must be ring or moons, got '{r.data.toy}'")
     need(r.model.arch in ("unet", "mlp", "sd3"), f"recipe key 'model.arch' must be unet, mlp or sd3, got '{r.model.arch}'")
     need(r.model.norm in ("group", "nsln"), f"recipe key 'model.norm' must be group or nsln, got '{r.model.norm}'")
@@ -384,6 +381,8 @@ def validate(r: Recipe) -> None:
          f"recipe key 'eval.features' must be one of {', '.join(FEATURE_CHOICES)}, got '{e.features}'")
     need(e.mode in ("clean", "legacy_tensorflow"),
          f"recipe key 'eval.mode' must be clean or legacy_tensorflow, got '{e.mode}'")
+    need(e.mode == "clean" or e.features in ("inception", "auto"),
+         f"recipe key 'eval.mode' ({e.mode}) is Inception's resizing; set eval.features: inception or eval.mode: clean")
     need(e.every >= 0 and e.n >= 2, "recipe keys 'eval.every' must be >= 0 and 'eval.n' at least 2")
     need(len(e.steps) > 0 and all(s >= 1 for s in e.steps),
          f"recipe key 'eval.steps' must be step counts of 1 or more, got {list(e.steps)}")

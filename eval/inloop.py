@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from cmgen.eval.features import FEATURE_CHOICES, FeatureNet, build_feature_net
+from cmgen.eval.features import FEATURE_CHOICES, FeatureNet, build_feature_net, detect_features
 from cmgen.eval.fid import MetricOptions, evaluate_source
 from cmgen.eval.refstats import Reference, accumulate, resolve_reference
 from cmgen.eval.report import primary_key, save_step_curves
@@ -22,9 +22,11 @@ REPORTED = ("fd", "precision", "recall", "kid", "swd", "mmd2")
 
 
 def _feature_net(recipe, shape, device) -> FeatureNet:
-    key = (recipe.eval.features, recipe.eval.mode, tuple(shape), str(device))
+    name = recipe.eval.features if recipe.eval.features != "auto" else detect_features(tuple(shape))
+    mode = recipe.eval.mode if name == "inception" else "clean"   # eval.mode is Inception's resizing
+    key = (name, mode, tuple(shape), str(device))
     if key not in _NETS:
-        _NETS[key] = build_feature_net(recipe.eval.features, tuple(shape), mode=recipe.eval.mode, device=device)
+        _NETS[key] = build_feature_net(name, tuple(shape), mode=mode, device=device)
     return _NETS[key]
 
 

@@ -127,6 +127,13 @@ def test_sd3_rollout_loss_and_sampling_times_are_the_schedulers_sigmas(lora_run)
     assert first == 1.0 and min(abs(second - v) for v in scheduler_sigmas(4)[1:3]) < 1e-6
     with pytest.raises(UserError, match="method.rollout_shift"):                  # a recipe shift the grid ignores
         flow_grid(tr.recipe, 14, 1.0, "method.rollout_shift")
+    import dataclasses
+
+    from cmgen.methods import build_method
+
+    other = dataclasses.replace(tr.recipe, sample=dataclasses.replace(tr.recipe.sample, shift=1.0))
+    with pytest.raises(UserError, match="'sample.shift'"):                      # refused when the run starts
+        build_method(other, tr.gen)
 
 
 def test_cmgen_sampling_and_the_exported_pipeline_make_the_same_latents(lora_run):

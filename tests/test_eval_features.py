@@ -228,7 +228,10 @@ def test_in_loop_evaluation_uses_the_recipes_inception_mode(standin, monkeypatch
     from cmgen.eval.inloop import _feature_net
     from cmgen.recipe import load_recipe
 
+    from cmgen.eval import inloop
+
     monkeypatch.setenv("CMGEN_INCEPTION", str(standin))
+    monkeypatch.setattr(inloop, "_NETS", {})   # no stand-in net left in the module's cache for later tests
     c10 = load_recipe("ict_cifar10")
     assert c10.eval.mode == "legacy_tensorflow"   # the papers' CIFAR-10 protocol
     assert _feature_net(c10, (3, 32, 32), "cpu").protocol["mode"] == "legacy_tensorflow"
@@ -241,6 +244,7 @@ def test_in_loop_evaluation_uses_the_recipes_inception_mode(standin, monkeypatch
 def test_clip_input_is_clean_fids_bit_for_bit(monkeypatch):
     if "clip" not in sys.modules:   # clean-fid's module imports openai's clip package at import time only
         monkeypatch.setitem(sys.modules, "clip", types.ModuleType("clip"))
+        monkeypatch.delitem(sys.modules, "cleanfid.clip_features", raising=False)   # undone after the test
     from cleanfid.clip_features import img_preprocess_clip
 
     rng = np.random.default_rng(0)

@@ -60,10 +60,9 @@ def test_the_sd15_recipe_names_its_deviations_from_the_papers_sd21_run():
     r = load_recipe("rglcd_sd15_hps")
     text = " ".join(r.description.split())
     assert "paper's settings" not in text
-    if "stable-diffusion-2-1" not in r.method.teacher:
-        assert "not SD 2.1 (v-prediction, 768 px)" in text and "method.prediction_type=v_prediction" in text
-    if r.optim.name != "adamw8bit":
-        assert "not the 8-bit Adam" in text
+    assert "stable-diffusion-v1-5" in r.method.teacher and r.optim.name == "adamw"   # what it deviates with
+    assert "not SD 2.1 (v-prediction, 768 px)" in text and "method.prediction_type=v_prediction" in text
+    assert "not the 8-bit Adam" in text
 
 
 def test_a_v_prediction_teacher_is_read_as_v_prediction(tiny_sd, tmp_path):

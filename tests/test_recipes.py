@@ -38,6 +38,9 @@ def test_paper_settings_of_the_gpu_recipes():
     assert c10.model.dropout == 0.3 and c10.train.ema_decay == 0.99993 and c10.sample.sigmas == (80.0, 0.821)
     from cmgen.models.unet import unet_kwargs
 
+    from cmgen.models.unet import PRESETS
+
+    assert PRESETS["ncsnpp_cifar10"]["block_out_channels"] == (128, 256, 256, 256)   # older runs' layout, kept
     kw = unet_kwargs(c10.model, 3, 32, 0)   # NCSN++: 128 x mult (2, 2, 2) at 32/16/8, attention at 16x16 only
     assert kw["block_out_channels"] == (256, 256, 256) and kw["layers_per_block"] == 4
     assert [("Attn" in b) for b in kw["down_block_types"]] == [False, True, False]
@@ -72,6 +75,13 @@ def test_paper_settings_of_the_latent_ct_recipes():
         assert (r.optim.name, r.optim.lr, r.optim.weight_decay, r.train.ema_decay) == ("radam", 1e-4, 1e-4, 0.99993)
         assert r.train.batch_size == batch and r.sample.sigmas == (80.0, 0.529) and r.data.name == "latents"
         assert not r.data.hflip   # LSUN's flips are encoded into its cache, never applied to latents in the loop
+        if name == "lct_lsun_church256":   # a flipped latent is no image's latent: refused when training starts
+            from cmgen.data import training_data
+            from cmgen.errors import UserError
+
+            flipped = load_recipe(name, ["data.hflip=true"])          # a stored recipe like it still loads
+            with pytest.raises(UserError, match="'data.hflip' must be false when data.name is latents.*--hflip"):
+                training_data(flipped, smoke=True)
         from cmgen.models.unet import unet_kwargs
 
         kw = unet_kwargs(r.model, 4, 32, 0)   # DhariwalUNet: resampling in residual blocks, scale-shift embedding
@@ -126,8 +136,9 @@ def test_base_recipes_merge_key_by_key_and_refuse_loops(tmp_path):
     ("ict_digits", "train.ema_decay=1.0", ["'train.ema_decay'", "[0, 1)"]),             # an EMA that never moves
     ("ict_digits", "sample.gamma=1.5", ["'sample.gamma'", "[0, 1]"]),
     ("ctm_digits", "method.gan_period=1", ["'method.gan_period'", "at least 2"]),       # the method's own check
+    ("ctm_digits", "method.target_decay_gan=0.9", ["'method.target_decay_gan'", "method.gan_start"]),
     ("lct_digits", "method.loss=l1", ["'method.loss'", "cauchy or pseudo_huber"]),
-    ("lct_celebahq256", "data.hflip=true", ["'data.hflip'", "latents", "--hflip"]),   # a flipped latent is no image's
+    ("edm_digits", "eval.mode=legacy_tensorflow", ["'eval.mode'", "eval.features: inception"]),
 ])
 def test_recipe_values_outside_their_range_are_one_sentence_naming_the_key(recipe, override, words):
     from cmgen.errors import UserError

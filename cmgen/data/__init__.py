@@ -388,6 +388,10 @@ def shape_of(cfg) -> tuple[tuple[int, ...], int, str]:
 def training_data(recipe, smoke: bool = False) -> tuple[Dataset, Optional[Dataset]]:
     """(train, held-out) of a run; `smoke` swaps in random data of the recipe's shape (no files needed)."""
     r, t = recipe, recipe.train
+    if r.data.hflip and r.data.name == "latents":   # checked here, not in validate: stored recipes still load
+        raise UserError("recipe key 'data.hflip' must be false when data.name is latents: a flipped latent is not "
+                        "the latent of the flipped image; store the flips in the cache with `cmgen latents encode "
+                        "... --hflip` (resume such a run with data.hflip=false)")
     if not smoke:
         data, holdout = load_dataset(r.data, t.seed)
     else:

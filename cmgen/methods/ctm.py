@@ -83,6 +83,8 @@ class Config:
             yield "recipe keys 'method.dsm_weight' and 'method.gan_weight' must be at least 0"
         if not 0 < self.dsm_karras_r <= 1:
             yield f"recipe key 'method.dsm_karras_r' must be in (0, 1], got {self.dsm_karras_r}"
+        if self.target_decay_gan is not None and self.gan_start is None:
+            yield "recipe key 'method.target_decay_gan' needs method.gan_start (the GAN stage); set it or drop the key"
         if self.gan_start is not None and self.gan_start < 0:
             yield f"recipe key 'method.gan_start' must be at least 0 (or null for no GAN), got {self.gan_start}"
         if self.gan_period < 2:

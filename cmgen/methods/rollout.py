@@ -110,6 +110,9 @@ class RewardMethod(BaseMethod):
         self.reward_entry = REWARDS[self.reward_name]
         self._reward = None
         self.times = torch.tensor(self.rollout_times(), dtype=torch.float64)
+        if recipe.model.arch == "sd3":   # sample.shift must be the scheduler's too: refused now, not at the first preview
+            from cmgen.sampling.registry import flow_grid
+            flow_grid(recipe, 1, recipe.sample.shift, "sample.shift")
 
     def rollout_times(self) -> list[float]:
         """The rollout grid, which the loss times index: an SD3 pipeline's scheduler sigmas, else shifted even times."""

@@ -71,11 +71,22 @@ def load_pipeline(folder: str):
     return StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True)
 
 
+@functools.lru_cache(maxsize=4)
+def load_scheduler(folder: str):
+    """The SD3 pipeline's scheduler alone (its `scheduler/` config; nothing else is read)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if not (Path(folder) / "scheduler").is_dir():
+        raise UserError(f"recipe key 'model.init_from' ('{folder}') is not a diffusers SD3 pipeline folder (no "
+                        "scheduler/); download stabilityai/stable-diffusion-3.5-medium once and pass its folder")
+    return FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+
+
 def scheduler_times(recipe, steps: int, shift: float, key: str) -> list[float]:
     """The pipeline scheduler's own sigmas for `steps` steps, ending in 0: what StableDiffusion3Pipeline (and so the
     exported LoRA pipeline) samples on; for SD3.5's FlowMatchEulerDiscreteScheduler shift(linspace(1, sigma_min,
     steps)) + [0], with sigma_min itself shifted. `shift` is the recipe's value under `key`, which must agree."""
-    sched = load_pipeline(pipeline_folder(recipe)).scheduler
+    sched = load_scheduler(pipeline_folder(recipe))
     own = float(sched.config.get("shift", 1.0))
     if abs(own - shift) > 1e-6:
         raise UserError(f"recipe key '{key}' ({shift:g}) must be the SD3 pipeline scheduler's shift ({own:g}), "

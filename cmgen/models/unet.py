@@ -11,12 +11,24 @@ import copy
 from diffusers import UNet2DModel
 from torch import nn
 
+# NCSN++-like layout as score_sde used for CIFAR-10 (128 ch x mult 1,2,2,2: four levels at 32/16/8/4,
+# 4 blocks/level, attention at 16x16, dropout 0.3); cmgen's ict_cifar10 preset before 2026-11-25, kept so
+# that runs made with it load.
+_NCSNPP_CIFAR10 = dict(
+    sample_size=32, in_channels=3, out_channels=3,
+    block_out_channels=(128, 256, 256, 256), layers_per_block=4,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    downsample_type="resnet", upsample_type="resnet", attention_head_dim=None,
+    norm_num_groups=32, dropout=0.3, resnet_time_scale_shift="default",
+)
+
 # NCSN++-like layout as iCT used for CIFAR-10 (128 ch x mult 2,2,2: three levels of 256 channels
 # at 32/16/8, 4 blocks/level, attention at 16x16, BigGAN-style resnet up/downsampling, dropout
 # 0.3; 62M parameters against NCSN++'s 56M). UNet2DModel has no FIR resampling and no
 # Fourier-scale option that the stock pipeline accepts, so the time embedding is positional on
 # 250 ln(sigma) (as ADM in CM).
-_NCSNPP_CIFAR10 = dict(
+_NCSNPP_CIFAR10_ICT = dict(
     sample_size=32, in_channels=3, out_channels=3,
     block_out_channels=(256, 256, 256), layers_per_block=4,
     down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D"),
@@ -63,6 +75,7 @@ _TINY = dict(
 )
 
 PRESETS = {
+    "ncsnpp_cifar10_ict": _NCSNPP_CIFAR10_ICT,
     "ncsnpp_cifar10": _NCSNPP_CIFAR10,
     "adm_imagenet64": _ADM_IMAGENET64,
     "ddpmpp_cifar10": _DDPMPP_CIFAR10,
