@@ -22,6 +22,8 @@ import torch
 from cmgen.errors import UserError
 from cmgen.eval.digits_net import cache_dir
 
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)   # CLIP's normalisation
+
 FEATURE_CHOICES = ("auto", "inception", "clip", "digits", "points")
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -244,7 +246,7 @@ def clip_preprocess(images: np.ndarray) -> torch.Tensor:
 
     x = torch.from_numpy(np.stack([one(img) for img in as_rgb(images)])).permute(0, 3, 1, 2)
     x = x.float() / 255.0
-    return TF.normalize(x, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    return TF.normalize(x, CLIP_MEAN, CLIP_STD)
 
 
 def clip_feature_net(explicit: Optional[str], device="cpu") -> FeatureNet:

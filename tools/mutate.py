@@ -381,7 +381,7 @@ MUTANTS = [
     M("digits features: RGB luma weights reversed", "eval/digits_net.py", "x = x @ torch.tensor(LUMA_601)", "x = x @ torch.tensor(LUMA_601[::-1])"),
     M("digits features: not standardised", "eval/digits_net.py", "return (self.trunk(x) - self.feature_mean) / self.feature_std", "return self.trunk(x) - self.feature_mean"),
     M("inception: clean and legacy resizing swapped", "eval/features.py", "resize_inside=legacy)", "resize_inside=not legacy)"),
-    M("clip input: mean and std swapped", "eval/features.py", "TF.normalize(x, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))", "TF.normalize(x, (0.26862954, 0.26130258, 0.27577711), (0.48145466, 0.4578275, 0.40821073))"),
+    M("clip input: mean and std swapped", "eval/features.py", "TF.normalize(x, CLIP_MEAN, CLIP_STD)", "TF.normalize(x, CLIP_STD, CLIP_MEAN)"),
     M("clip input: not divided by 255", "eval/features.py", "x = x.float() / 255.0", "x = x.float()"),
     M("confidence interval: one-sided quantile", "eval/metrics.py", "stats.t.ppf(0.5 + level / 2, len(v) - 1)", "stats.t.ppf(level, len(v) - 1)"),
     M("confidence interval: std, not the standard error", "eval/metrics.py", "* v.std(ddof=1) / math.sqrt(len(v)))", "* v.std(ddof=1))"),

@@ -16,12 +16,12 @@ from typing import Optional
 import torch
 
 from cmgen.errors import UserError
+from cmgen.eval.features import CLIP_MEAN, CLIP_STD
 from cmgen.rewards import Reward, device_of
 
 AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
                  "sac+logos+ava1-l14-linearMSE.pth")
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGEREWARD_CAP = 2.0   # RG-LCD trains on min(ImageReward, 2) (reward_fn.py); evaluation reads the raw score
 
 
