@@ -374,13 +374,12 @@ def validate(r: Recipe) -> None:
     need(r.model.arch in ("unet", "mlp", "sd3"), f"recipe key 'model.arch' must be unet, mlp or sd3, got '{r.model.arch}'")
     need(r.model.norm in ("group", "nsln"), f"recipe key 'model.norm' must be group or nsln, got '{r.model.norm}'")
     need(0.0 <= r.model.dropout < 1.0, "recipe key 'model.dropout' must be in [0, 1)")
-    from cmgen.eval.features import FEATURE_CHOICES
+    from cmgen.eval.features import FEATURE_CHOICES, INCEPTION_MODES
 
     e = r.eval
     need(e.features in FEATURE_CHOICES,
          f"recipe key 'eval.features' must be one of {', '.join(FEATURE_CHOICES)}, got '{e.features}'")
-    need(e.mode in ("clean", "legacy_tensorflow"),
-         f"recipe key 'eval.mode' must be clean or legacy_tensorflow, got '{e.mode}'")
+    need(e.mode in INCEPTION_MODES, f"recipe key 'eval.mode' must be {' or '.join(INCEPTION_MODES)}, got '{e.mode}'")
     need(e.mode == "clean" or e.features in ("inception", "auto"),
          f"recipe key 'eval.mode' ({e.mode}) is Inception's resizing; set eval.features: inception or eval.mode: clean")
     need(e.every >= 0 and e.n >= 2, "recipe keys 'eval.every' must be >= 0 and 'eval.n' at least 2")

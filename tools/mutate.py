@@ -614,7 +614,7 @@ MUTANTS = [
     M("hinge: heads summed, not averaged", "cmgen/methods/ctm_gan.py", "return sum(h.mean() for h in per_head) / len(per_head)", "return sum(h.mean() for h in per_head)"),
     M("hinge d: relu of each head's mean logit", "cmgen/methods/ctm_gan.py", "_head_mean([F.relu(1 - r) for r in real_logits])", "_head_mean([F.relu(1 - r.mean(1, keepdim=True)) for r in real_logits])"),
     M("ctm: theta- keeps its decay in the GAN stage", "cmgen/methods/ctm.py", "return c.target_decay_gan if gate(step, c.gan_start) else c.target_decay", "return c.target_decay"),
-    M("ctm: theta- decay from the evaluation EMA", "cmgen/methods/ctm.py", "return {\"target\": c.target_decay}", "return {\"target\": self.recipe.train.ema_decay}"),
+    M("ctm: theta- decay from the evaluation EMA", "cmgen/methods/ctm.py", "return {\"target\": c.target_decay if c.target_decay_gan is None", "return {\"target\": self.recipe.train.ema_decay if c.target_decay_gan is None"),
     M("ctm: the discriminator's fakes are the inner jumps", "cmgen/methods/ctm.py", "fake, _, _ = self.estimate_and_target(nets, batch, with_target=False)", "fake, _, _ = self.inner_and_target(nets, batch, with_target=False)"),
     M("ctm gan: real images not augmented", "cmgen/methods/ctm_gan.py", "real_logits = disc(diff_augment(real.float(), rng, policy))", "real_logits = disc(real.float())"),
     M("in-loop eval: the recipe's inception mode ignored", "eval/inloop.py", "mode = recipe.eval.mode if name == \"inception\" else \"clean\"", "mode = \"clean\""),

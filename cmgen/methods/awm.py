@@ -95,9 +95,7 @@ class Method(RewardMethod):
 
     def targets(self) -> dict:
         c = self.cfg
-        if c.beta_prev == 0:
-            return {}
-        return {"previous": lambda step: prev_decay(step, c.prev_decay_rate, c.prev_decay_max)}
+        return {"previous": lambda step: prev_decay(step, c.prev_decay_rate, c.prev_decay_max)} if c.beta_prev > 0 else {}
 
     def rollout(self, policy, noise, labels):
         sampler = self.gen.sampler(self.cfg.rollout_sampler)

@@ -228,10 +228,8 @@ class Method(BaseMethod):
         return {"teacher": self.teacher}
 
     def targets(self):
-        c = self.cfg
-        if c.target_decay_gan is None or c.gan_start is None:
-            return {"target": c.target_decay}
-        return {"target": self.target_decay_at}
+        c = self.cfg   # target_decay_gan needs gan_start (Config.problems)
+        return {"target": c.target_decay if c.target_decay_gan is None else self.target_decay_at}
 
     def target_decay_at(self, step: int) -> float:
         """theta⁻'s EMA decay after the model step `step`: target_decay_gan once the GAN stage is on."""
