@@ -114,6 +114,11 @@ def _print_written(paths) -> None:
 
 # ----------------------------------------------------------------------------- fid / sweep
 
+def judged_shape(obj) -> tuple:
+    """The shape a target's samples are scored at: a latent model's decoded images, else its own."""
+    return tuple(getattr(obj, "image_shape", obj.shape))
+
+
 def compute_table(args, default_steps: str):
     """The table of `fid` and `sweep`: (table, kind, target object)."""
     from cmgen.eval.fid import DEFAULT_N, evaluate_model_steps, evaluate_samples
@@ -122,13 +127,12 @@ def compute_table(args, default_steps: str):
     steps = parse_steps(args.steps or default_steps)  # checked before any loading
     device = _setup(args)
     kind, obj = open_target(args.target, args, device)
-    shape = getattr(obj, "image_shape", obj.shape)  # latent models are judged on decoded images
-    net = _feature_net(args, shape, device)
+    net = _feature_net(args, judged_shape(obj), device)
     opts = _metric_options(args)
     if kind == "model":
         n = args.n or DEFAULT_N[net.kind]
         ref_name = args.ref or default_ref_for(obj.recipe)
-        splits = run_splits(obj.recipe, getattr(obj, "codec", None)) if ref_name in RUN_SPLITS else None
+        splits = run_splits(obj.recipe, getattr(obj, "codec", None), ref_name) if ref_name in RUN_SPLITS else None
         if splits is not None:
             ref = split_reference(splits[ref_name], ref_name, net, opts, args.batch_size)
         else:
@@ -166,14 +170,15 @@ def compute_table(args, default_steps: str):
 RUN_SPLITS = ("holdout", "train")
 
 
-def run_splits(recipe, codec=None) -> dict:
-    """--ref holdout|train: the run's own data split, rebuilt from its recipe (data.holdout, train.seed)."""
+def run_splits(recipe, codec=None, ref: str = "holdout") -> dict:
+    """--ref holdout|train: the run's own data split, rebuilt from its recipe (data.holdout, train.seed); only
+    holdout needs data.holdout > 0 (and brings a latent run's VAE floor)."""
     from cmgen.data import load_dataset
 
     if recipe.data.name == "latents":
-        return latent_run_splits(recipe, codec=codec)
+        return latent_run_splits(recipe, with_reconstructions=ref == "holdout", codec=codec)
     train, held = load_dataset(recipe.data, recipe.train.seed)
-    if held is None:
+    if held is None and ref == "holdout":
         raise UserError("--ref holdout needs a run trained with data.holdout > 0; pass another --ref "
                         "(a named reference, a folder of images or a statistics file)")
     return {"train": train, "holdout": held}
@@ -329,10 +334,10 @@ def cmd_reward(args) -> int:
     base = None
     if args.base:
         base = open_target(args.base, args, device)
-        if tuple(base[1].shape) != tuple(obj.shape):
-            raise UserError(f"--base samples have shape {tuple(base[1].shape)} but '{args.target}' makes "
-                            f"{tuple(obj.shape)}; pass the model the run was tuned from")
-        net = _feature_net(args, obj.shape, device)
+        if judged_shape(base[1]) != judged_shape(obj):
+            raise UserError(f"--base samples have shape {judged_shape(base[1])} but '{args.target}' makes "
+                            f"{judged_shape(obj)}; pass the model the run was tuned from")
+        net = _feature_net(args, judged_shape(obj), device)
     rows = []
     for label, s, nfe, src in _reward_sources(kind, obj, steps, n, args, device, "tuned" if base else "model"):
         values, stats = score_source(src, reward, net, 0)

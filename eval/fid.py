@@ -4,9 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import numpy as np
+
 from cmgen.eval.features import FeatureNet
 from cmgen.eval.frechet import FeatureStats, fd_between
-from cmgen.eval.metrics import (kernel_inception_distance, mmd2_rbf, precision_recall, sliced_wasserstein)
+from cmgen.eval.metrics import (kernel_inception_distance, mmd2_rbf, precision_recall, sliced_wasserstein,
+                                uniform_rows)
 from cmgen.eval.refstats import Reference, accumulate
 from cmgen.eval.sources import Source
 
@@ -36,14 +39,16 @@ def sample_metrics(stats: FeatureStats, ref: Reference, net: FeatureNet, opts: M
     row = {"n": stats.n, "fd": fd_between(stats, ref.stats)}
     fake, real = stats.kept, ref.stats.kept
     m = min(len(fake), len(real))
+    rng = np.random.default_rng(opts.seed)   # equal-sized sets: a seeded draw from the larger, not its first rows
     if m > opts.k:
-        row["precision"], row["recall"] = precision_recall(real[:m], fake[:m], opts.k)
+        row["precision"], row["recall"] = precision_recall(uniform_rows(real, m, rng), uniform_rows(fake, m, rng),
+                                                           opts.k)
         row["pr_n"] = m
     else:
         row["precision"] = row["recall"] = None  # e.g. a reference file without feature rows
     if net.kind == "points":
         row["swd"] = sliced_wasserstein(fake, real, opts.swd_directions, opts.seed) if m else None
-        row["mmd2"] = mmd2_rbf(fake[:MMD_MAX], real[:MMD_MAX]) if m > 1 else None
+        row["mmd2"] = mmd2_rbf(uniform_rows(fake, MMD_MAX, rng), uniform_rows(real, MMD_MAX, rng)) if m > 1 else None
     elif m > 1:
         row["kid"], row["kid_std"] = kernel_inception_distance(real, fake, opts.kid_subsets, opts.kid_subset_size,
                                                                opts.seed)

@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from cmgen.eval.features import FEATURE_CHOICES, FeatureNet, build_feature_net, detect_features
+from cmgen.eval.features import FeatureNet, build_feature_net, detect_features
 from cmgen.eval.fid import MetricOptions, evaluate_source
 from cmgen.eval.refstats import Reference, accumulate, resolve_reference
 from cmgen.eval.report import primary_key, save_step_curves

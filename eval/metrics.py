@@ -8,6 +8,14 @@ import numpy as np
 import torch
 
 
+def uniform_rows(x, m: int, rng: np.random.Generator):
+    """m rows of `x` (array, tensor) drawn uniformly without replacement, kept in their order; `x` itself when
+    it has no more. A set whose rows come sorted (by class, by folder) is not cut to its first groups."""
+    if len(x) <= m:
+        return x
+    return x[np.sort(rng.choice(len(x), m, replace=False))]
+
+
 def _pairwise_sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """||a_i - b_j||^2 in float64 through the Gram matrix (clamped at 0 against rounding)."""
     return ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T).clamp_(min=0.0)

@@ -107,10 +107,23 @@ def gather_objects(obj) -> list:
 
 # ----------------------------------------------------------------------------- datasets
 
+def subset(rows, n: Optional[int]):
+    """`n` of `rows` (a tensor, array or list) as a seeded uniform draw in their order, or all of them: a folder
+    or split sorted by class is scored evenly, not cut at its first classes."""
+    from cmgen.eval.frechet import SUBSAMPLE_SEED
+    from cmgen.eval.metrics import uniform_rows
+
+    if n is None or n >= len(rows):
+        return rows
+    picked = uniform_rows(np.arange(len(rows)), n, np.random.default_rng(SUBSAMPLE_SEED))
+    return [rows[i] for i in picked] if isinstance(rows, list) else rows[picked]
+
+
 def dataset_source(x: torch.Tensor, name: str, kind: str, batch_size: int = 256, n: Optional[int] = None,
                    progress: bool = False) -> Source:
-    """An in-memory cmgen Dataset's tensor (images in [-1, 1], quantised to uint8 like samples are)."""
-    x = x if n is None else x[:n]
+    """An in-memory cmgen Dataset's tensor (images in [-1, 1], quantised to uint8 like samples are); `n` rows
+    are a seeded uniform draw (`subset`)."""
+    x = subset(x, n)
 
     def batches(channels: int) -> Iterator[np.ndarray]:
         for start in tqdm(range(0, len(x), batch_size), desc=f"features of {name}", unit="batch",
@@ -130,9 +143,7 @@ def image_files(folder: Path) -> list[Path]:
 def folder_source(folder, batch_size: int = 256, progress: bool = True, n: Optional[int] = None) -> Source:
     from PIL import Image
 
-    files = image_files(folder)
-    if n is not None:
-        files = files[:n]
+    files = subset(image_files(folder), n)
     if not files:
         raise UserError(f"folder '{folder}' holds no images ({', '.join(sorted(IMAGE_EXTS))}); "
                         "pass a folder of samples, an .npz or a run")
@@ -193,14 +204,22 @@ def iter_npz_array(path, key: str, batch_size: int) -> Iterator[np.ndarray]:
             yield np.frombuffer(bytearray(buf), dtype=dtype).reshape((count, *shape[1:]))  # writable for torch
 
 
-def _first_rows(path, key: str, batch_size: int, total: int) -> Iterator[np.ndarray]:
-    """The first `total` rows of an npz array, in batches."""
-    seen = 0
+def _rows(path, key: str, batch_size: int, rows: int, n: Optional[int]) -> Iterator[np.ndarray]:
+    """`n` of the `rows` rows of an npz array (`subset`'s draw; all of them for None), in batches of
+    `batch_size`, reading the file only up to the last row drawn."""
+    picked = subset(np.arange(rows), n)
+    seen, pending = 0, []
     for b in iter_npz_array(path, key, batch_size):
-        b = b[: total - seen]
+        lo, hi = np.searchsorted(picked, [seen, seen + len(b)])
+        pending.append(b[picked[lo:hi] - seen])
         seen += len(b)
-        yield b
-        if seen >= total:  # stop before reading the next batch from the file
+        last = hi == len(picked)
+        if last or sum(map(len, pending)) >= batch_size:
+            ready = np.concatenate(pending)
+            cut = len(ready) if last else len(ready) - len(ready) % batch_size
+            yield from (ready[i:i + batch_size] for i in range(0, cut, batch_size))
+            pending = [ready[cut:]]
+        if last:  # stop before reading the next batch from the file
             return
 
 
@@ -219,7 +238,7 @@ def npz_source(path, batch_size: int = 256, n: Optional[int] = None) -> Source:
         total = shape[0] if n is None else min(n, shape[0])
 
         def batches(channels: int) -> Iterator[np.ndarray]:
-            for b in _first_rows(path, "images", batch_size, total):
+            for b in _rows(path, "images", batch_size, shape[0], n):
                 yield _as_channels(b, channels)
 
         return Source(f"npz {path}", (shape[3], shape[1], shape[2]), "image", total, batches)
@@ -231,7 +250,7 @@ def npz_source(path, batch_size: int = 256, n: Optional[int] = None) -> Source:
         total = shape[0] if n is None else min(n, shape[0])
 
         def batches(channels: int) -> Iterator[np.ndarray]:
-            for b in _first_rows(path, "samples", batch_size, total):
+            for b in _rows(path, "samples", batch_size, shape[0], n):
                 if kind == "points":
                     yield b.astype(np.float64)
                 else:

@@ -61,19 +61,38 @@ def test_holdout_reference_adds_the_real_data_floor(digits_run, tmp_path, capsys
     assert table["protocol"]["reference"]["n"] == 297  # ict_digits keeps 297 digits out of training
     assert real_row["fd"] < 0.2 * model_row["fd"]  # real train vs held-out real is far closer than a 4-step model
     assert "real" in capsys.readouterr().out
-    # the floor is the run's training split (its first n) scored against the held-out split, not held-out vs itself
+    # the floor is the run's training split (n of it, drawn as --n draws) scored against the held-out split, not
+    # held-out vs itself
     from cmgen.eval.cli import run_splits
     from cmgen.eval.features import build_feature_net
     from cmgen.eval.frechet import fd_between
     from cmgen.eval.refstats import accumulate
-    from cmgen.eval.sources import dataset_source
+    from cmgen.eval.sources import dataset_source, subset
     from cmgen.runs import load_model
 
     splits = run_splits(load_model(digits_run).recipe)
     net = build_feature_net("digits", (1, 8, 8))
     train, held = (accumulate(dataset_source(x, name, "image", 64), net) for x, name in
-                   ((splits["train"].x[:200], "train"), (splits["holdout"].x, "holdout")))
+                   ((subset(splits["train"].x, 200), "train"), (splits["holdout"].x, "holdout")))
     assert real_row["fd"] == pytest.approx(fd_between(train, held), rel=1e-6)
+
+
+def test_train_reference_of_a_run_without_a_holdout(tmp_path, capsys):
+    """--ref train needs no held-out split (only --ref holdout does, and says so in one line)."""
+    from cmgen.recipe import load_recipe
+    from cmgen.train import train
+
+    run = train(load_recipe("ict_digits", ["train.steps=2", "train.batch_size=8", "model.block_out_channels=[16,32]",
+                                           "model.norm_num_groups=8", "model.attention_head_dim=8", "data.holdout=0",
+                                           "train.sample_n=4", "train.checkpoint_every=2"]),
+                out_dir=tmp_path / "run", progress=False)
+    out = tmp_path / "o"
+    assert cli(["eval", "fid", str(run), "--n", "32", "--steps", "1", "--ref", "train", "--out", str(out)] + FAST) == 0
+    table = _json(out, "fid_")
+    assert table["protocol"]["reference"]["n"] == 1797 and [r["steps"] for r in table["rows"]] == [1]
+    capsys.readouterr()
+    assert cli(["eval", "fid", str(run), "--n", "32", "--steps", "1", "--ref", "holdout"] + FAST) == 2
+    assert "data.holdout > 0" in capsys.readouterr().err
 
 
 def test_npz_from_cmgen_sample_gives_the_runs_number(digits_run, tmp_path):

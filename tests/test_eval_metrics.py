@@ -41,6 +41,28 @@ def test_precision_recall_detects_mode_dropping():
     assert far_p == 0.0 and far_r == 0.0
 
 
+def test_precision_recall_of_a_class_sorted_reference_use_a_draw_over_all_of_it():
+    """sample_metrics makes the two sets equal in size by a seeded draw from the larger, not its first rows: a
+    reference kept in class order (a class-sorted folder below --keep) is not cut to its first classes."""
+    from cmgen.eval.features import FeatureNet
+    from cmgen.eval.fid import MetricOptions, sample_metrics
+    from cmgen.eval.frechet import FeatureStats
+    from cmgen.eval.refstats import Reference
+
+    g = np.random.default_rng(0)
+    centres = g.standard_normal((5, 8)) * 6
+    real = centres.repeat(400, 0) + g.standard_normal((2000, 8))           # 5 clusters, sorted
+    fake = centres[np.arange(500) % 5] + g.standard_normal((500, 8))       # the same, interleaved
+    ref, gen = FeatureStats(), FeatureStats()
+    ref.update(real)
+    gen.update(fake)
+    net = FeatureNet("digits", "FD-test", lambda b: b, 1)
+    row = sample_metrics(gen, Reference(ref, {"name": "sorted"}), net, MetricOptions())
+    want_p, want_r = precision_recall(real, fake, 3)   # every cluster in both sets
+    assert row["pr_n"] == 500 and row["precision"] > 0.6 and abs(row["recall"] - want_r) < 0.1, row
+    assert row == sample_metrics(gen, Reference(ref, {"name": "sorted"}), net, MetricOptions())
+
+
 def test_knn_radii_exclude_the_point_itself():
     x = np.array([[0.0], [1.0], [3.0], [7.0]])
     np.testing.assert_allclose(knn_radii(x, k=1), np.array([1.0, 1.0, 4.0, 16.0]))  # squared distances

@@ -30,9 +30,20 @@ def test_npz_is_streamed_in_chunks_equal_to_np_load(tmp_path, compressed):
     np.testing.assert_array_equal(np.concatenate(chunks), images)
     src = npz_source(path, batch_size=4, n=9)
     assert src.shape == (3, 5, 6) and src.n == 9
-    np.testing.assert_array_equal(np.concatenate(list(src.batches(3))), images[:9])
+    batches = list(src.batches(3))
+    assert all(0 < len(b) <= 4 for b in batches)
+    rows = [_row_index(images, r) for r in np.concatenate(batches)]   # n of them, drawn from the whole file
+    assert len(rows) == 9 and rows == sorted(set(rows)) and max(rows) >= 9
+    np.testing.assert_array_equal(np.concatenate(list(src.batches(3))), np.concatenate(batches))
     grey = np.concatenate(list(src.batches(1)))
     assert grey.shape == (9, 5, 6, 1)
+    np.testing.assert_array_equal(np.concatenate(list(npz_source(path, batch_size=4).batches(3))), images)
+
+
+def _row_index(rows: np.ndarray, row: np.ndarray) -> int:
+    """The one index of `row` among the distinct `rows`."""
+    (i,), = np.nonzero((rows == row).reshape(len(rows), -1).all(1))
+    return int(i)
 
 
 def test_npz_with_float_samples_and_points(tmp_path):
@@ -74,7 +85,7 @@ def test_folder_and_dataset_sources_agree(tmp_path):
         folder_source(tmp_path / "empty-does-not-exist")
 
 
-def test_grey_samples_meet_a_colour_feature_net_and_folders_take_their_first_n(tmp_path):
+def test_grey_samples_meet_a_colour_feature_net(tmp_path):
     from PIL import Image
 
     grey = np.random.default_rng(2).integers(0, 256, (5, 4, 4), dtype=np.uint8)
@@ -83,10 +94,36 @@ def test_grey_samples_meet_a_colour_feature_net_and_folders_take_their_first_n(t
     src = folder_source(tmp_path, batch_size=2, progress=False, n=3)
     assert src.n == 3 and src.shape == (1, 4, 4)
     rgb = np.concatenate(list(src.batches(3)))
-    assert rgb.shape == (3, 4, 4, 3) and all(np.array_equal(rgb[..., c], grey[:3]) for c in range(3))
+    rows = [_row_index(grey, r) for r in rgb[..., 0]]
+    assert rgb.shape == (3, 4, 4, 3) and all(np.array_equal(rgb[..., c], grey[rows]) for c in range(3))
     np.savez(tmp_path / "g.npz", images=grey[..., None])
     np.testing.assert_array_equal(np.concatenate(list(npz_source(tmp_path / "g.npz", batch_size=2).batches(3))),
                                   np.repeat(grey[..., None], 3, axis=-1))
+
+
+def test_n_of_a_class_sorted_set_is_a_seeded_draw_over_all_of_it_the_same_from_every_source(tmp_path):
+    """`--n` of a folder, an .npz or a run's split sorted by class (class sub-folders, a split in index order)
+    scores every class, not the first ones; each source draws the same rows, call after call."""
+    from PIL import Image
+
+    classes = np.repeat(np.arange(10), 20)                       # 200 images, class-sorted
+    images = np.zeros((200, 4, 4), np.uint8)
+    images[:, 0, 0], images[:, 0, 1] = classes * 20, np.arange(200) % 20   # class and index within the class
+    for i, im in enumerate(images):
+        (tmp_path / f"class{i // 20}").mkdir(exist_ok=True)
+        Image.fromarray(im, mode="L").save(tmp_path / f"class{i // 20}" / f"{i % 20:02d}.png")
+    np.savez(tmp_path / "s.npz", images=images[..., None])
+    x = torch.from_numpy(images[:, None].astype(np.float32) / 127.5 - 1)
+    sources = [folder_source(tmp_path, batch_size=16, progress=False, n=50),
+               npz_source(tmp_path / "s.npz", batch_size=16, n=50),
+               dataset_source(x, "split", "image", batch_size=16, n=50)]
+    drawn = [np.concatenate(list(src.batches(1)))[..., 0] for src in sources]
+    for d in drawn:
+        np.testing.assert_array_equal(d, drawn[0])
+    np.testing.assert_array_equal(np.concatenate(list(sources[0].batches(1)))[..., 0], drawn[0])
+    got = drawn[0][:, 0, 0] // 20
+    assert len(got) == 50 and len(np.unique(drawn[0].reshape(50, -1), axis=0)) == 50
+    assert len(set(got.tolist())) >= 8 and 3.5 < got.mean() < 5.5, got   # the first 50 would be classes 0-2
 
 
 def test_a_fortran_ordered_npz_is_refused_not_read_transposed(tmp_path):

@@ -318,6 +318,18 @@ def test_exported_class_conditional_pipeline_equals_cmgen_sample(lcd_run, tmp_pa
     assert not torch.allclose(other, got, atol=1e-3)   # guidance enters through the w-embedding
 
 
+def test_reward_against_a_latent_base_is_judged_on_decoded_images(lcd_run, teacher, tmp_path):
+    """`cmgen eval reward STUDENT --base TEACHER` of latent runs: both make 1x8x8 digits through the VAE, so
+    the shapes agree and the shift's FD is FD-digits on the decoded images (not the 4x4 latents)."""
+    import json
+
+    out = tmp_path / "r"
+    assert cli(["eval", "reward", str(lcd_run), "--reward", "brightness", "--n", "16", "--steps", "2",
+                "--base", str(teacher), "--out", str(out)] + FAST) == 0
+    tuned, base = json.loads((out / "reward-brightness.json").read_text())["rows"]
+    assert tuned["fd_metric"] == "FD-digits" and tuned["fd_to_base"] > 0 and base["n"] == tuned["n"] == 16
+
+
 def test_an_exported_lcm_pipeline_samples_and_evaluates_like_its_run(lcd_run, tmp_path):
     """`cmgen sample` / `cmgen eval` take the exported folder: same network, scheduler rule and codec as the run."""
     from cmgen.runs import load_model
