@@ -171,6 +171,27 @@ def test_pickscores_logit_scale_turns_its_score_back_into_the_clip_logit(tiny_cl
     torch.testing.assert_close(r.logit_scale * r(x, PROMPTS), logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["pickscore", "clipscore"])
+def test_rglcd_trains_on_the_bare_clip_cosine_with_the_models_logit_scale(tiny_clip, monkeypatch, name):
+    """RG-LCD's PickScore and CLIPScore (reward_fn.py) are the bare cosine, in direct mode and as the LRM's
+    expert, whose preference logits are the model's logit scale x cos; the registry's (cmgen eval reward, AWM)
+    stay logit / 26 and 100 max(cos, 0)."""
+    from cmgen.rewards.differentiable import build_reward as rglcd_reward
+
+    monkeypatch.setenv(f"CMGEN_{name.upper()}", str(tiny_clip))
+    x = images().requires_grad_(True)
+    logits, cos = oracle(tiny_clip, x.detach(), PROMPTS)
+    for differentiable in (True, False):
+        r = rglcd_reward(name, differentiable=differentiable)
+        torch.testing.assert_close(r(x, PROMPTS), cos, rtol=1e-4, atol=1e-5)
+        assert r.logit_scale == pytest.approx(60.0, rel=1e-5)
+    torch.testing.assert_close(r.logit_scale * r(x, PROMPTS), logits, rtol=1e-4, atol=1e-4)
+    r(x, PROMPTS).sum().backward()
+    assert (x.grad.abs().sum((1, 2, 3)) > 0).all(), "every image's cosine has a gradient, negative ones too"
+    registry = build_reward(name)(x, PROMPTS)
+    assert not torch.allclose(registry, cos, atol=1e-3)
+
+
 def test_a_weight_backed_reward_scores_where_its_network_is(fake_hps, fake_imagereward):
     """A training loop moves Reward.module (Method.frozen); the score follows it (meta stands in for a GPU),
     ImageReward's own device attribute included."""

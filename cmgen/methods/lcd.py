@@ -17,8 +17,9 @@ Reward guidance: L = L_LCD - reward_scale * mean R(f), R on the student's one-st
   step; after every model step the LRM takes its own optimizer step on the pairwise KL between the expert's
   and its own preferences over the triplet {f, target, real latent}, summed over the 3 pairs (the expert may
   be non-differentiable; its pair logits are expert_scale x R, by default the expert's own logit scale:
-  HPSv2.1's CLIP logit scale x cos, as RG-LCD scores it).
-ImageReward is capped at 2 in training, as RG-LCD's; the reward networks run on the run's device (frozen()).
+  the CLIP logit scale x cos for HPSv2.1, PickScore and CLIPScore, as RG-LCD scores them).
+The rewards take RG-LCD's training forms (cmgen.rewards.differentiable): PickScore and CLIPScore the bare cosine,
+ImageReward capped at 2; the reward networks run on the run's device (frozen()).
 With reward_scale = 0 no reward is computed: the student's updates are plain LCD's, bit for bit.
 
 Text teachers (a Stable Diffusion pipeline) train on a latent cache in SD's scaling (`cmgen latents encode
@@ -64,7 +65,7 @@ class Config:
     lrm_lr: float = 3.3e-6          # AdamW of the LRM (RG-LCD's)
     lrm_width: int = 512            # LRM embedding width (digits: an MLP; SD: see cmgen.rewards.lrm)
     expert_scale: Optional[float] = None  # expert reward -> pair logit scale; None: the expert's logit scale
-                                    # (HPSv2.1: its CLIP's, ~100; PickScore: 26, undoing its / 26), else 1
+                                    # (HPSv2.1, PickScore, CLIPScore: their CLIP's, ~100), else 1
     lrm_warmup_steps: int = 0       # steps before the LRM reward enters the student's loss
     lrm_pretrain_steps: int = 0     # first steps of the run in which only the LRM trains, on real latents and
                                     # noised copies scored by the expert (stand-in for RG-LCD's separately

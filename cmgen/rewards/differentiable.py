@@ -5,8 +5,9 @@ Differentiable: `digit-class` (the digits classifier's probability of the sample
 `target_class`), `ink` (mean brightness in [0, 1]), `jpeg-surrogate` (minus the JPEG size in kB predicted
 by a small CNN trained here, cmgen.rewards.jpeg). Not differentiable (experts for the LRM):
 `jpeg-compressibility` (minus the real JPEG size in kB, cmgen.rewards.jpeg). Weight-backed (the
-cmgen.rewards registry, differentiable): `hpsv2.1`, `pickscore`, `imagereward` (capped at 2 here, as RG-LCD
-trains on it), `clipscore`, `aesthetic`, `hpsv2.1+0.1imagereward`. A reward's network (`.module`) is built on
+cmgen.rewards registry, differentiable): `hpsv2.1`, `pickscore` and `clipscore` (here, as RG-LCD trains on them,
+the bare cosine of their CLIP model, not the registry's logit / 26 and 100 max(cos, 0)), `imagereward` (capped at
+2 here, as RG-LCD trains on it), `aesthetic`, `hpsv2.1+0.1imagereward`. A reward's network (`.module`) is built on
 the CPU; the method hands it to the loop (Method.frozen), which moves it to the run's device.
 """
 from __future__ import annotations
@@ -52,8 +53,8 @@ def _refuse_gradient_free(name: str):
 def build_reward(name: str, *, target_class: Optional[int] = None, differentiable: bool = True,
                  device="cpu") -> RewardFn:
     """The reward `name` as R(images, cond) -> [B]; `differentiable` refuses the ones without gradients. Every name but
-    `ink` (the registry's `brightness`, under its RG-LCD recipe name) comes from the cmgen.rewards registry, with
-    `imagereward` capped at 2 as RG-LCD trains on it."""
+    `ink` (the registry's `brightness`, under its RG-LCD recipe name) comes from the cmgen.rewards registry, in
+    RG-LCD's form: `pickscore` and `clipscore` as their bare CLIP cosine, `imagereward` capped at 2."""
     key = (name or "").strip().lower().replace("_", "-")
     if target_class is not None and not 0 <= target_class <= 9:
         raise UserError(f"recipe key 'method.target_class' must be a digit 0..9, got {target_class}")
@@ -64,7 +65,7 @@ def build_reward(name: str, *, target_class: Optional[int] = None, differentiabl
     if key in shared.REWARDS:
         if differentiable and not shared.REWARDS[key].differentiable:
             _refuse_gradient_free(key)
-        reward = shared.build_reward(key, "method.reward", target_class=target_class, device=device)
+        reward = shared.build_reward(key, "method.reward", target_class=target_class, device=device, cosine=True)
         if key == "imagereward":
             from cmgen.rewards.weights import capped_imagereward
 

@@ -161,11 +161,24 @@ def _projected(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def pickscore(pickscore: Optional[str] = None, device="cpu") -> Reward:
-    """PickScore (Kirstain et al. 2023): logit_scale * cos(image, prompt), divided by 26 as flow_grpo does."""
+def _cosine(name: str, model, tok, path) -> Reward:
+    """RG-LCD's form of a CLIP-model reward (reward_fn.py): the bare cos(image, prompt); its preference logits
+    (the LRM expert's) are the model's own logit scale x cos."""
+    def score(x, cond=None):
+        return _clip_similarity(model, tok, x, _prompts(cond, len(x), name), device_of(model))
+
+    return Reward(name, score, f"cos(image, prompt) of {name}'s CLIP model", details={"weights": str(path)},
+                  module=model, logit_scale=float(model.logit_scale.exp()))
+
+
+def pickscore(pickscore: Optional[str] = None, device="cpu", cosine: bool = False) -> Reward:
+    """PickScore (Kirstain et al. 2023): logit_scale * cos(image, prompt), divided by 26 as flow_grpo does;
+    `cosine`: the bare cosine, as RG-LCD trains on it."""
     path = weights_path(pickscore, "CMGEN_PICKSCORE", "pickscore", "yuvalkirstain/PickScore_v1 (a CLIP model folder)",
                         "--pickscore")
     model, tok = _hf_clip(path, "pickscore", device)
+    if cosine:
+        return _cosine("pickscore", model, tok, path)
 
     def score(x, cond=None):
         device = device_of(model)
@@ -176,11 +189,14 @@ def pickscore(pickscore: Optional[str] = None, device="cpu") -> Reward:
                   logit_scale=26.0)
 
 
-def clipscore(clipscore: Optional[str] = None, device="cpu") -> Reward:
-    """CLIPScore (Hessel et al. 2021) as torchmetrics reports it: 100 max(cos, 0)."""
+def clipscore(clipscore: Optional[str] = None, device="cpu", cosine: bool = False) -> Reward:
+    """CLIPScore (Hessel et al. 2021) as torchmetrics reports it: 100 max(cos, 0); `cosine`: the bare cosine, as
+    RG-LCD trains on it (with a laion ViT-H-14 CLIP folder, RG-LCD's model)."""
     path = weights_path(clipscore, "CMGEN_CLIPSCORE", "clipscore", "openai/clip-vit-large-patch14 (a CLIP model folder)",
                         "--clipscore")
     model, tok = _hf_clip(path, "clipscore", device)
+    if cosine:
+        return _cosine("clipscore", model, tok, path)
 
     def score(x, cond=None):
         device = device_of(model)
