@@ -15,7 +15,8 @@ paper's default and an off switch.
    those samples; total L = mean L_cm + 5 mean L_diff, and 0 (never NaN) when no sample qualifies.
 4. OT coupling: data and unit noise of the global batch paired by an exact assignment on squared
    Euclidean cost (scipy's linear_sum_assignment), once per step before noising, the same pairing on
-   every process; one pairing serves every sigma of the step.
+   every process; one pairing serves every sigma of the step. (The reference pairs each GPU's own batch: on
+   one GPU the same; on several, cmgen's pairing over the global batch is a named deviation.)
 5. NsLN on every norm of the UNet (`model.norm: nsln`) and the curriculum s1 = 640 (recipe fields).
 
 Everything else is iCT's: the exponential curriculum, the discretised lognormal index draw, lambda =
