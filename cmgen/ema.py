@@ -12,6 +12,11 @@ class EMA:
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.shadow = [p.detach().clone().float() for p in _trainable(model)]
 
+    def to(self, device) -> "EMA":
+        """Keep the average where the weights it follows live (the loop moves it with its network)."""
+        self.shadow = [s.to(device) for s in self.shadow]
+        return self
+
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         params = [p.detach().float() for p in _trainable(model)]

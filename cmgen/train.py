@@ -28,6 +28,7 @@ from cmgen import state as state_io
 from cmgen.ema import EMA, TargetNetwork
 from cmgen.errors import UserError
 from cmgen.recipe import Recipe, dump_recipe
+from cmgen.rng import same_dropout
 
 log = logging.getLogger("cmgen")
 
@@ -170,6 +171,8 @@ class Trainer:
             state_io.read(self, resume_ckpt)
         for part in self.parts.values():
             part.module, part.optimizer = acc.prepare(part.module, part.optimizer)
+            if part.ema is not None:   # built (and resumed) beside the weights on the CPU: it follows them
+                part.ema.to(next(acc.unwrap_model(part.module).parameters()).device)
         self.model, self.optimizer = self.parts["model"].module, self.parts["model"].optimizer
         if self.scaler_state and getattr(acc, "scaler", None) is not None:
             acc.scaler.load_state_dict(self.scaler_state)
@@ -292,7 +295,8 @@ class Trainer:
         for m, batch in enumerate(batches):
             sync = m == len(batches) - 1
             ctx = acc.no_sync(part.module) if not sync and self.world > 1 else contextlib.nullcontext()
-            with ctx:
+            # dropout and any other draw from the global RNG inside the loss: keyed by (seed, step, rank, micro-step)
+            with ctx, same_dropout(batch.rng.dropout_seed, self.device):
                 terms = self.method.loss(self.nets, batch, self.step)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float() / t.grad_accum

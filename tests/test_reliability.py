@@ -74,6 +74,43 @@ def test_kill_dash_9_then_resume_auto_equals_a_straight_run(tmp_path):
     assert rows(tmp_path / "straight") == rows(killed)
 
 
+@pytest.mark.parametrize("name, over", [
+    ("edm_toy2d", ["model.hidden=16", "model.depth=1", "data.n_points=200"]),
+    ("fm_toy2d", ["model.hidden=16", "model.depth=1", "data.n_points=200"]),
+])
+def test_dropout_of_every_method_is_keyed_so_a_resumed_run_equals_a_straight_one(tmp_path, name, over):
+    """Every method's loss runs with the global RNG keyed by (seed, step, rank, micro-step), not only iCT's: with
+    dropout on, a run stopped at step 2 and resumed ends bit-identical to a straight run, and the masks matter."""
+    over = over + ["train.steps=4", "train.batch_size=32", "train.checkpoint_every=2", "train.keep_last=5",
+                   "train.sample_every=0", "train.sample_n=8", "data.holdout=0", "train.threads=1"]
+    final = {}
+    for drop in (0.3, 0.0):
+        r = load_recipe(name, over + [f"model.dropout={drop}"])
+        final[drop] = _final(train(r, tmp_path / f"straight{drop}", progress=False), 4)
+    train(r := load_recipe(name, over + ["model.dropout=0.3"]), tmp_path / "resumed", progress=False, stop_after=2)
+    _same(final[0.3], _final(train(r, tmp_path / "resumed", resume="auto", progress=False), 4))
+    assert any(not torch.equal(final[0.3]["model"][k], final[0.0]["model"][k]) for k in final[0.3]["model"])
+
+
+def test_the_ema_follows_its_network_to_the_training_device(tmp_path, monkeypatch):
+    """accelerate's prepare moves each part to the training device (a GPU); its EMA, built and resumed beside
+    the weights on the CPU, must follow, or the first update mixes devices. `meta` stands in for the GPU."""
+    import accelerate
+
+    prepare = accelerate.Accelerator.prepare
+
+    def to_meta(self, *objects):
+        module, optimizer = prepare(self, *objects)
+        return module.to("meta"), optimizer
+
+    monkeypatch.setattr(accelerate.Accelerator, "prepare", to_meta)
+    trainer = Trainer(load_recipe("ict_toy2d", ["model.hidden=16", "model.depth=1", "train.threads=1"]), tmp_path,
+                      progress=False)
+    part = trainer.parts["model"]
+    assert part.ema.shadow and all(s.device.type == "meta" for s in part.ema.shadow)
+    part.ema.update(part.module)   # raises "tensors on different devices" when the EMA stayed behind
+
+
 # ------------------------------------------------------------------------------ 2. atomic checkpoints
 
 def test_a_crash_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
