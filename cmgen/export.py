@@ -27,6 +27,8 @@ import torch
 
 from cmgen.errors import UserError
 from cmgen.precond import PrecondConfig, c_noise
+
+C_NOISE_TEXT = {"cm": "250 ln(sigma)", "edm": "0.25 ln(sigma)"}   # precond.c_noise, as the model card states it
 from cmgen.runs import EXPORT_FILE, RECIPE_FILE
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -186,10 +188,10 @@ def _build_pipeline(unet, lm):
         from cmgen.pipelines import CMGenLatentPipeline, LatentStatistics
 
         sched = CMGenScheduler(sigma_min=p.sigma_min, sigma_max=p.sigma_max, sigma_data=p.sigma_data, rho=p.rho,
-                               sample_sigmas=list(s.sigmas), clip_denoised=lm.clip)
+                               sample_sigmas=list(s.sigmas), clip_denoised=lm.clip, c_noise=p.c_noise)
         return CMGenLatentPipeline(unet=unet, scheduler=sched, vae=lm.codec.vae,
                                    latent_stats=LatentStatistics.from_codec(lm.codec)), None
-    if type(unet) is UNet2DModel:
+    if type(unet) is UNet2DModel and p.c_noise == "cm":   # the stock scheduler feeds the UNet 250 ln(sigma)
         grid = karras_grid_for(s.sigmas, p)
         sched = CMStochasticIterativeScheduler(num_train_timesteps=grid.num_train_timesteps, sigma_min=p.sigma_min,
                                                sigma_max=p.sigma_max, sigma_data=p.sigma_data, rho=p.rho,
@@ -200,7 +202,7 @@ def _build_pipeline(unet, lm):
         raise UserError(f"no cmgen pipeline class is registered for the network {type(unet).__name__}; "
                         "add it to cmgen.pipelines.PIPELINES")
     sched = CMGenScheduler(sigma_min=p.sigma_min, sigma_max=p.sigma_max, sigma_data=p.sigma_data, rho=p.rho,
-                           sample_sigmas=list(s.sigmas), clip_denoised=s.clip_denoised)
+                           sample_sigmas=list(s.sigmas), clip_denoised=s.clip_denoised, c_noise=p.c_noise)
     return pipeline_class(unet=unet, scheduler=sched), None
 
 
@@ -209,8 +211,13 @@ def _ctm_pipeline(unet, lm):
 
     p, s = lm.recipe.precond, lm.recipe.sample
     sched = CMGenScheduler(sigma_min=p.sigma_min, sigma_max=p.sigma_max, sigma_data=p.sigma_data, rho=p.rho,
-                           sample_sigmas=list(lm.times(s.steps)), clip_denoised=lm.clip)
-    return pipeline_class_for(unet, "ctm")(unet=unet, scheduler=sched, c_noise=p.c_noise, default_gamma=s.gamma,
+                           sample_sigmas=list(lm.times(s.steps)), clip_denoised=lm.clip, c_noise=p.c_noise)
+    if s.sampler == "heun":
+        raise UserError(f"'{lm.source}' samples with sample.sampler=heun, which CMGenCTMPipeline (gamma-sampling) "
+                        f"does not run; set sample.sampler: gamma (or multistep) in {Path(lm.source) / 'recipe.yaml'} "
+                        "to export it, or sample it with `cmgen sample --sampler heun`")
+    gamma = 1.0 if s.sampler == "multistep" else s.gamma   # multistep is gamma-sampling's gamma = 1 (tested)
+    return pipeline_class_for(unet, "ctm")(unet=unet, scheduler=sched, c_noise=p.c_noise, default_gamma=gamma,
                                            default_steps=s.steps)
 
 
@@ -318,7 +325,7 @@ def _usage(info: dict, grid: Optional[KarrasGrid], sigmas: list, class_condition
 
 def _sigma_section(p: PrecondConfig, sigmas: list, grid: Optional[KarrasGrid], clip: bool) -> str:
     text = (f"## Noise levels\n\nsigma_min {p.sigma_min:g}, sigma_max {p.sigma_max:g}, sigma_data "
-            f"{p.sigma_data:g}, rho {p.rho:g}; c_noise = 250 ln(sigma); estimates clipped to [-1, 1]: "
+            f"{p.sigma_data:g}, rho {p.rho:g}; c_noise = {C_NOISE_TEXT[p.c_noise]}; estimates clipped to [-1, 1]: "
             f"{'yes' if clip else 'no'}. Sampling sigmas: {', '.join(f'{s:g}' for s in sigmas)} "
             f"(`cmgen sample PATH --steps N` uses the first N).\n")
     if grid is None or grid.mid_index is None:

@@ -45,13 +45,16 @@ class CMGenScheduler(SchedulerMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5,
-                 rho: float = 7.0, sample_sigmas: Sequence[float] = (80.0, 0.821), clip_denoised: bool = True):
+                 rho: float = 7.0, sample_sigmas: Sequence[float] = (80.0, 0.821), clip_denoised: bool = True,
+                 c_noise: str = "cm"):
         self.init_noise_sigma = sigma_max
         self.sigmas: list[float] = [sigma_max]
 
     def precond(self) -> PrecondConfig:
+        """The run's preconditioning, its c_noise convention included (folders written before it was stored: cm)."""
         c = self.config
-        return PrecondConfig(sigma_min=c.sigma_min, sigma_max=c.sigma_max, sigma_data=c.sigma_data, rho=c.rho)
+        return PrecondConfig(sigma_min=c.sigma_min, sigma_max=c.sigma_max, sigma_data=c.sigma_data, rho=c.rho,
+                             c_noise=c.c_noise)
 
     def set_timesteps(self, num_inference_steps: int = 1, sigmas: Optional[Sequence[float]] = None) -> list[float]:
         """Decreasing sigmas to evaluate at: explicit `sigmas`, or the recipe's schedule for that many steps."""
@@ -342,7 +345,7 @@ class CMGenCTMPipeline(DiffusionPipeline):
         from cmgen.models.two_time import TwoTimeUNetBackbone
         from cmgen.precond import TrajectoryJump
 
-        precond = replace(self.scheduler.precond(), c_noise=self.config.c_noise)
+        precond = replace(self.scheduler.precond(), c_noise=self.config.c_noise)   # older folders: the pipeline's
         return TrajectoryJump(TwoTimeUNetBackbone(self.unet), precond).eval()
 
     @torch.no_grad()

@@ -102,9 +102,8 @@ def _run_ctm_multistep(net, noise, times, labels, gen, opt):
 
 
 def _run_ctm_heun(net, noise, times, labels, gen, opt):
-    from cmgen.sampling.edm import edm_heun
-
-    return edm_heun(net.denoise, noise, times, class_labels=labels)
+    """EDM's Heun (churn included) on CTM's own denoiser D(x, t) = g(x, t, t)."""
+    return _run_heun(net.denoise, noise, times, labels, gen, opt)
 
 
 def _ddim_times(recipe, steps):

@@ -671,6 +671,34 @@ def test_export_samples_equal_cmgen_sample_for_both_gammas(tmp_path):
                  str(tmp_path / "back.npz"), "--no-progress"]) == 0
 
 
+def test_export_of_a_run_whose_default_sampler_is_multistep_or_heun(tmp_path, capsys):
+    """The pipeline's default is the run's: multistep is gamma-sampling at gamma = 1, so the pipeline's default call
+    equals `cmgen sample`; heun, which the pipeline does not run, is one sentence and writes nothing."""
+    import numpy as np
+
+    from cmgen.cli import main
+    from cmgen.pipelines import CMGenCTMPipeline
+    from cmgen.train import train
+
+    run = train(tiny_recipe("train.steps=2", "train.checkpoint_every=2", "train.sample_n=4", "method.max_k=2",
+                            "sample.sampler=multistep"), tmp_path / "run", progress=False)
+    assert main(["export", str(run), "--to", str(tmp_path / "pipe")]) == 0
+    pipe = CMGenCTMPipeline.from_pretrained(tmp_path / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    assert main(["sample", str(run), "--steps", "3", "--n", "3", "--out", str(tmp_path / "s.npz"), "--no-progress"]) == 0
+    ours = torch.from_numpy(np.load(tmp_path / "s.npz")["samples"] / 2 + 0.5).clamp(0, 1)
+    theirs = pipe(batch_size=3, num_inference_steps=3, generator=[torch.Generator().manual_seed(j) for j in range(3)],
+                  output_type="pt").images
+    assert pipe.config.default_gamma == 1.0 and torch.allclose(ours.float(), theirs.float(), atol=1e-5)
+    recipe = run / "checkpoints" / "step-00000002" / "recipe.yaml"   # the recipe a checkpoint loads with
+    recipe.write_text(recipe.read_text().replace("sampler: multistep", "sampler: heun"))
+    capsys.readouterr()
+    assert main(["export", str(run), "--to", str(tmp_path / "heun")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "sample.sampler=heun" in err and str(recipe) in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "heun").exists()
+
+
 def test_paper_settings_of_the_ctm_gpu_recipes():
     from cmgen.recipe import load_recipe
 

@@ -81,6 +81,11 @@ def test_multistep_and_heun_samplers_of_a_ctm_run(runs, tmp_path):
     assert torch.allclose(_sample(runs["ctm"], tmp_path, "--steps", "3", "--sampler", "multistep"), multistep, atol=1e-5)
     assert torch.allclose(_sample(runs["ctm"], tmp_path, "--steps", "3", "--sampler", "heun"), heun, atol=1e-5)
     assert not torch.allclose(multistep, heun, atol=1e-2)
+    sigmas = edm_sigmas(3, p.sigma_min, p.sigma_max, p.rho)
+    with torch.no_grad():   # sample.churn reaches CTM's Heun as it reaches EDM's (Algorithm 2)
+        churned = gen.sample(seeded(), sigmas, sampler="heun", churn=30.0)
+        assert torch.allclose(churned, edm_heun(gen.net.denoise, seeded(), sigmas, churn=30.0), atol=1e-5)
+        assert not torch.allclose(churned, heun, atol=1e-3)
     assert gen.nfe(edm_sigmas(3, p.sigma_min, p.sigma_max, p.rho), "heun") == 5
     with pytest.raises(UserError, match="--sampler 'ddim' does not apply to a ctm model; use one of gamma, multistep, heun"):
         gen.sampler("ddim")

@@ -192,6 +192,30 @@ def test_pipeline_folder_samples_like_the_run(run, exported, tmp_path):
         assert np.abs(from_run - from_pipe).max() <= TOL
 
 
+def test_a_model_trained_with_edm_c_noise_exports_a_pipeline_that_feeds_the_unet_the_same(tmp_path):
+    """precond.c_noise: edm gives the UNet 0.25 ln(sigma); the stock scheduler would feed it 250 ln(sigma), so the
+    export writes CMGenPipeline with the convention in its scheduler, and its images equal `cmgen sample`'s."""
+    from cmgen.pipelines import CMGenPipeline, CMGenScheduler
+
+    run = train_tiny(tmp_path / "run", "precond.c_noise=edm")
+    folder = tmp_path / "pipe"
+    assert cli(["export", str(run), "--to", str(folder)]) == 0
+    assert json.loads((folder / "cmgen_export.json").read_text())["pipeline_class"] == "CMGenPipeline"
+    assert "c_noise = 0.25 ln(sigma)" in (folder / "README.md").read_text()
+    pipe = CMGenPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.precond().c_noise == "edm"
+    for steps in (1, 2):
+        ours = torch.from_numpy(cmgen_samples(run, steps, 4, 0, tmp_path) / 2 + 0.5).clamp(0, 1)
+        gens = [torch.Generator().manual_seed(j) for j in range(4)]
+        theirs = pipe(batch_size=4, num_inference_steps=steps, generator=gens, output_type="pt").images
+        assert (ours - theirs).abs().max().item() <= TOL, steps
+    pipe.scheduler = CMGenScheduler.from_config({**pipe.scheduler.config, "c_noise": "cm"})   # what a folder without it reads
+    other = pipe(batch_size=4, num_inference_steps=1, output_type="pt",
+                 generator=[torch.Generator().manual_seed(j) for j in range(4)]).images
+    assert (other - torch.from_numpy(cmgen_samples(run, 1, 4, 0, tmp_path) / 2 + 0.5).clamp(0, 1)).abs().max() > 1e-3
+
+
 def test_load_pipeline_model_rebuilds_denoiser_and_recipe(run, exported):
     from cmgen.precond import ConsistencyDenoiser
     from cmgen.runs import load_model
