@@ -87,7 +87,7 @@ def load_pipeline_model(path, device="cpu"):
         recipe = foreign_recipe(folder, unet, sched, precond, shape, num_classes)
     codec = pipeline_codec(folder, index, info) if "latent_stats" in index else None
     return Generator(model, recipe, shape, num_classes, info.get("data_kind", "image"), codec=codec,
-                     step=info.get("step"), source=folder)
+                     step=info.get("step"), source=folder).to(device)   # the codec decodes where the model runs
 
 
 def lcm_network(folder: Path, index: dict, unet, recipe):

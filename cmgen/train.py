@@ -173,6 +173,7 @@ class Trainer:
             part.module, part.optimizer = acc.prepare(part.module, part.optimizer)
             if part.ema is not None:   # built (and resumed) beside the weights on the CPU: it follows them
                 part.ema.to(next(acc.unwrap_model(part.module).parameters()).device)
+        self.gen.to(self.device)   # a latent model's codec (VAE and statistics) decodes on the training device
         self.model, self.optimizer = self.parts["model"].module, self.parts["model"].optimizer
         if self.scaler_state and getattr(acc, "scaler", None) is not None:
             acc.scaler.load_state_dict(self.scaler_state)
@@ -298,8 +299,7 @@ class Trainer:
             # dropout and any other draw from the global RNG inside the loss: keyed by (seed, step, rank, micro-step)
             with ctx, same_dropout(batch.rng.dropout_seed, self.device):
                 terms = self.method.loss(self.nets, batch, self.step)
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().float() / t.grad_accum
+                add_terms(sums, terms, self.device, t.grad_accum)
                 # always backward, even on a non-finite loss: every process must join DDP's gradient
                 # all-reduce; the check below discards the gradients before the optimizer sees them
                 acc.backward(terms["loss"] / t.grad_accum)
@@ -444,6 +444,13 @@ def _reset_accelerator_state(mixed_precision: str) -> None:
 
     if AcceleratorState._shared_state and str(AcceleratorState().mixed_precision) != mixed_precision:
         AcceleratorState._reset_state()
+
+
+def add_terms(sums: dict, terms: dict, device, grad_accum: int) -> None:
+    """Fold one micro-batch's logged terms into `sums` (their mean over the step), on the training device: a
+    method may return counters made on the CPU (iCT's N, CTM's k) beside a loss on the GPU."""
+    for k, v in terms.items():
+        sums[k] = sums.get(k, 0.0) + v.detach().float().to(device) / grad_accum
 
 
 def train(recipe: Recipe, out_dir=None, resume: Optional[str] = None, smoke: bool = False, progress: bool = True,

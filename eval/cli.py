@@ -213,7 +213,8 @@ def latent_run_splits(recipe, with_reconstructions: bool = True, codec=None) -> 
         return {"train": train, "holdout": held}
     lat_train, _ = _split(lat, recipe.data.holdout, recipe.train.seed)
     codec = codec if codec is not None and hasattr(codec, "vae") else codec_for(recipe)
-    decoded = torch.cat([codec.decode(lat_train.x[i:i + 256]) for i in range(0, len(lat_train), 256)])
+    device = next(codec.vae.parameters()).device   # the run's codec may be on its GPU
+    decoded = torch.cat([codec.decode(lat_train.x[i:i + 256].to(device)).cpu() for i in range(0, len(lat_train), 256)])
     vae = Dataset(decoded, lat_train.labels, lat_train.num_classes, "image", "VAE reconstructions")
     return {"train": train, "holdout": held, "vae": vae}
 

@@ -318,6 +318,26 @@ def test_exported_class_conditional_pipeline_equals_cmgen_sample(lcd_run, tmp_pa
     assert not torch.allclose(other, got, atol=1e-3)   # guidance enters through the w-embedding
 
 
+def test_every_net_and_tensor_of_a_latent_rglcd_run_lives_on_the_training_device(cache, teacher, tmp_path, monkeypatch):
+    """A GPU run decodes latents, scores them and averages weights on the GPU: after the Trainer is built, the
+    codec (VAE and statistics), the parts (the LRM), their EMAs, the target and the frozen teacher are all on the
+    accelerator's device. meta stands in for the GPU."""
+    import accelerate
+
+    from cmgen.train import Trainer
+
+    monkeypatch.setattr(accelerate.Accelerator, "device", property(lambda self: torch.device("meta")))
+    tr = Trainer(lcd_recipe(cache, teacher, reward_mode="lrm", reward="jpeg-compressibility"), tmp_path, progress=False)
+    codec = tr.gen.codec
+    where = {"codec": {p.device.type for p in codec.vae.parameters()} | {codec.mean.device.type, codec.std.device.type}}
+    for name, part in tr.parts.items():
+        shadows = part.ema.shadow if part.ema is not None else []
+        where[name] = {p.device.type for p in part.module.parameters()} | {s.device.type for s in shadows}
+    for name, net in tr.nets.items():
+        where[f"net {name}"] = {p.device.type for p in net.parameters()}
+    assert {"model", "lrm", "net target", "net teacher"} <= set(where) and all(v == {"meta"} for v in where.values()), where
+
+
 def test_reward_against_a_latent_base_is_judged_on_decoded_images(lcd_run, teacher, tmp_path):
     """`cmgen eval reward STUDENT --base TEACHER` of latent runs: both make 1x8x8 digits through the VAE, so
     the shapes agree and the shift's FD is FD-digits on the decoded images (not the 4x4 latents)."""
@@ -328,6 +348,18 @@ def test_reward_against_a_latent_base_is_judged_on_decoded_images(lcd_run, teach
                 "--base", str(teacher), "--out", str(out)] + FAST) == 0
     tuned, base = json.loads((out / "reward-brightness.json").read_text())["rows"]
     assert tuned["fd_metric"] == "FD-digits" and tuned["fd_to_base"] > 0 and base["n"] == tuned["n"] == 16
+
+
+def test_an_exported_latent_pipeline_loads_its_codec_onto_the_sampling_device(lcd_run, tmp_path):
+    """`cmgen sample --device cuda PIPELINE` decodes on the GPU: the folder's VAE and latent statistics go where the
+    network goes (meta stands in for the GPU)."""
+    from cmgen.runs import load_model
+
+    assert cli(["export", str(lcd_run), "--to", str(tmp_path / "pipe")]) == 0
+    gen = load_model(tmp_path / "pipe", device="meta")
+    codec = gen.codec
+    assert {p.device.type for p in gen.net.parameters()} == {p.device.type for p in codec.vae.parameters()} == \
+        {codec.mean.device.type, codec.std.device.type} == {"meta"}
 
 
 def test_an_exported_lcm_pipeline_samples_and_evaluates_like_its_run(lcd_run, tmp_path):

@@ -111,6 +111,17 @@ def test_the_ema_follows_its_network_to_the_training_device(tmp_path, monkeypatc
     part.ema.update(part.module)   # raises "tensors on different devices" when the EMA stayed behind
 
 
+def test_logged_terms_made_on_the_cpu_join_the_loss_on_the_training_device():
+    """iCT's N or CTM's k come as CPU tensors beside a GPU loss: the step's sums live on the training device, so
+    stacking them works (meta stands in for the GPU)."""
+    from cmgen.train import add_terms
+
+    sums = {}
+    for _ in range(2):
+        add_terms(sums, {"loss": torch.ones((), device="meta"), "N": torch.tensor(11)}, torch.device("meta"), 2)
+    assert {v.device.type for v in sums.values()} == {"meta"} and torch.stack(list(sums.values())).shape == (2,)
+
+
 # ------------------------------------------------------------------------------ 2. atomic checkpoints
 
 def test_a_crash_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):

@@ -341,7 +341,8 @@ class Method(BaseMethod):
         else:  # a pretraining step: no student output yet
             latents = noised_partner_triplet(real, cond, batch.rng, self.cfg.lrm_pretrain_noise)
         with torch.no_grad():
-            expert = torch.stack([self.expert(self.decode(z), self.reward_cond(batch)).float() for z in latents], 1)
+            expert = torch.stack([self.expert(self.decode(z), self.reward_cond(batch)).float().to(real.device)
+                                  for z in latents], 1)   # an expert may score on the CPU (JPEG size)
             expert = expert * self.cfg.expert_scale
         lrm = torch.stack([nets.lrm(z, cond) for z in latents], 1)
         if self.cfg.lrm_loss == "kl":
