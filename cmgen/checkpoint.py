@@ -151,11 +151,15 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
 
 def read_state(ckpt: Path) -> dict:
     try:
-        return json.loads((Path(ckpt) / DONE_FILE).read_text())
+        state = json.loads((Path(ckpt) / DONE_FILE).read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or \
+                not isinstance(state.get("data_shape"), list):
+            raise ValueError("not a cmgen state")
+        return state
     except FileNotFoundError:
         raise UserError(f"'{ckpt}' is not a cmgen checkpoint (no {DONE_FILE}); pass a run folder or a "
                         "checkpoints/step-N folder") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError):   # JSONDecodeError is a ValueError
         raise UserError(f"checkpoint '{ckpt}' has a corrupt {DONE_FILE}; resume from an older checkpoint") from None
 
 

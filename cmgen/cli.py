@@ -236,8 +236,31 @@ def _dist_version(name: str) -> str:
         return "not installed"
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error for a bad flag (it would print the whole usage block first); every
+    sub-command's parser is one (add_subparsers makes its parsers of the parent's class)."""
+
+    def error(self, message):
+        self.exit(2, f"cmgen: error: {message}; see `{self.prog} --help`\n")
+
+
+def at_least(low: int):
+    """An argparse type: a whole number >= low (--batch-size 0 would fail deep inside as a traceback)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got '{text}'") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"a whole number >= {low}"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cmgen", description="Consistency and diffusion generative models: "
+    p = Parser(prog="cmgen", description="Consistency and diffusion generative models: "
                                 "train from recipes, sample in one or two steps, evaluate, export to diffusers.",
                                 epilog=EPILOG)
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -268,17 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. 80,0.821")
     s.add_argument("--gamma", type=float, default=None, help="ctm: gamma-sampling's gamma in [0, 1] (0: deterministic "
                    "jumps, 1: consistency multistep; default: the recipe's sample.gamma)")
-    s.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    s.add_argument("--n", type=at_least(1), default=64, help="number of samples (default 64)")
     s.add_argument("--seed", type=int, default=0, help="sample j uses seed + j (default 0)")
     s.add_argument("--out", required=True, metavar="FILE", help="FILE.png (grid), FILE.npz (uint8 NHWC 'images' and "
                    "float NCHW 'samples'), or FILE without suffix for both")
     s.add_argument("--no-ema", action="store_true", help="use the raw training weights instead of the EMA")
     s.add_argument("--class-label", type=int, default=None, help="class for every sample (class-conditional models)")
-    s.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (default 256)")
+    s.add_argument("--batch-size", type=at_least(1), default=256, help="samples per forward pass (default 256)")
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps or xpu (default: the first of cuda, mps, xpu present, else cpu)")
     s.add_argument("--bf16", action="store_true", help="sample under bf16 autocast")
-    s.add_argument("--grid-max", type=int, default=256, help="at most this many samples in the PNG grid (default 256)")
-    s.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")
+    s.add_argument("--grid-max", type=at_least(1), default=256, help="at most this many samples in the PNG grid (default 256)")
+    s.add_argument("--threads", type=at_least(0), default=0, help="torch threads (default: one per core)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_sample)
@@ -307,7 +330,10 @@ def _optional_commands(sub) -> None:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:   # --help, --version, or a bad flag (one line from Parser.error)
+        return exc.code if isinstance(exc.code, int) else 2
     debug = getattr(args, "debug", False) or "--debug" in argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -317,6 +343,12 @@ def main(argv=None) -> int:
         if debug:
             raise
         print(f"cmgen: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:   # a path the user gave that cannot be read or written (--out in a missing folder, ...)
+        if debug or exc.filename is None:
+            raise
+        print(f"cmgen: error: cannot read or write '{exc.filename}' ({exc.strerror or exc}); check that path (an --out "
+              "in a missing folder, or onto a file where a folder goes?)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cmgen: interrupted; the newest complete checkpoint is intact (resume with --resume auto)", file=sys.stderr)

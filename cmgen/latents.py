@@ -274,7 +274,11 @@ def _complete(folder) -> Path:
 
 def read_spec(folder) -> dict:
     """The cache.json of a complete cache."""
-    return json.loads((_complete(folder) / META).read_text())
+    try:
+        return json.loads((_complete(folder) / META).read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"latent cache '{folder}' has a corrupt {META}; encode it again with `cmgen latents encode`") \
+            from None
 
 
 def cache_scaling(folder) -> str:
@@ -289,14 +293,18 @@ def read_captions(folder) -> Optional[list]:
 
 
 def read_cache(folder) -> LatentCache:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     folder = _complete(folder)
     spec = read_spec(folder)
-    with safe_open(str(folder / FINAL), "pt") as f:
-        meta = f.metadata() or {}
-    t = load_file(str(folder / FINAL))
+    try:
+        with safe_open(str(folder / FINAL), "pt") as f:
+            meta = f.metadata() or {}
+        t = load_file(str(folder / FINAL))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:   # a truncated or foreign file
+        raise UserError(f"latent cache '{folder}' has an unreadable {FINAL} ({type(exc).__name__}); encode it again "
+                        "with `cmgen latents encode`") from None
     return LatentCache(folder, spec, t["latents"], t.get("labels"), t.get("mean"), t.get("std"),
                        int(meta.get("num_classes", 0)), tuple(json.loads(meta.get("image_shape", "[]"))),
                        spec.get("scaling", "normalised"), read_captions(folder))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cmgen.cli import at_least
 from cmgen.errors import UserError
 
 
@@ -19,16 +20,16 @@ def add_parser(subparsers) -> None:
     e.add_argument("--vae", required=True, help="AutoencoderKL folder, pipeline folder with vae/, or a cached hub "
                    "id such as stabilityai/sd-vae-ft-ema")
     e.add_argument("--out", required=True, metavar="CACHE", help="cache folder (re-running resumes it)")
-    e.add_argument("--resolution", type=int, default=None, help="folder images: resize to this side length")
+    e.add_argument("--resolution", type=at_least(1), default=None, help="folder images: resize to this side length")
     e.add_argument("--data-root", default=None, help="cifar10: torchvision root holding cifar-10-batches-py")
     e.add_argument("--hflip", action="store_true", help="also store latents of the horizontally flipped images")
     e.add_argument("--scaling", choices=("normalised", "sd"), default="normalised",
                    help="normalised: per-element std 0.5 (latent CT, default); sd: latents times the VAE's "
                    "scaling_factor (minus its shift_factor), what a Stable Diffusion teacher expects (LCD, RG-LCD)")
     e.add_argument("--seed", type=int, default=0, help="seed of the posterior samples (default 0)")
-    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--batch-size", type=at_least(1), default=64)
     e.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    e.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")
+    e.add_argument("--threads", type=at_least(0), default=0, help="torch threads (default: one per core)")
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     e.set_defaults(func=cmd_encode)
@@ -37,16 +38,16 @@ def add_parser(subparsers) -> None:
                        "folder)")
     v.add_argument("data", metavar="DATA", help="digits, cifar10 (with --data-root) or a folder of images")
     v.add_argument("--out", required=True, metavar="DIR", help="new folder for the diffusers VAE")
-    v.add_argument("--resolution", type=int, default=None, help="folder images: resize to this side length")
+    v.add_argument("--resolution", type=at_least(1), default=None, help="folder images: resize to this side length")
     v.add_argument("--data-root", default=None, help="cifar10: torchvision root holding cifar-10-batches-py")
     v.add_argument("--steps", type=int, default=3000)
-    v.add_argument("--batch-size", type=int, default=128)
+    v.add_argument("--batch-size", type=at_least(1), default=128)
     v.add_argument("--lr", type=float, default=1e-3)
     v.add_argument("--kl-weight", type=float, default=1e-3, help="weight of the KL term (default 1e-3)")
     v.add_argument("--channels", default="32,64", help="block_out_channels; len - 1 halvings (default 32,64)")
-    v.add_argument("--latent-channels", type=int, default=4)
+    v.add_argument("--latent-channels", type=at_least(1), default=4)
     v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")
+    v.add_argument("--threads", type=at_least(0), default=0, help="torch threads (default: one per core)")
     v.add_argument("--no-progress", action="store_true")
     v.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     v.set_defaults(func=cmd_train_vae)

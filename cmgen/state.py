@@ -160,7 +160,11 @@ def read(trainer, ckpt: Path) -> None:
         if not meta_file.is_file():
             raise UserError(f"checkpoint '{ckpt}' has no {meta_file.name}; it was written by a run without the "
                             f"part '{name}', start a new --out")
-        opt_meta = json.loads(meta_file.read_text())
+        try:
+            opt_meta = json.loads(meta_file.read_text())
+        except (ValueError, UnicodeDecodeError):
+            raise UserError(f"checkpoint '{ckpt}' has a corrupt {meta_file.name}; resume from an older checkpoint "
+                            "(--resume checkpoints/step-N)") from None
         part.optimizer.load_state_dict(ckpt_io.optimizer_from_flat(
             ckpt_io.load_tensors(ckpt / f"{prefix}optimizer.safetensors"), opt_meta))
     for name, target in trainer.targets.items():

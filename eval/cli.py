@@ -5,7 +5,7 @@ import argparse
 import os
 from pathlib import Path
 
-from cmgen.cli import SAMPLER_HELP
+from cmgen.cli import SAMPLER_HELP, at_least
 from cmgen.errors import UserError
 
 FEATURES_HELP = ("feature space: auto (digits for 8x8 grey images, points for 2-D data, inception otherwise), "
@@ -387,7 +387,7 @@ def _common(p, samples: bool = True) -> None:
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (models trained with "
                    "method.label_dropout; default 1 = off)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps or xpu (default: the first of cuda, mps, xpu present, else cpu)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")
+    p.add_argument("--threads", type=at_least(0), default=0, help="torch threads (default: one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -61,17 +62,24 @@ def is_stats_file(path) -> bool:
     try:
         with np.load(path, allow_pickle=False) as z:
             return "mu" in z.files and "sigma" in z.files
+    except zipfile.BadZipFile:   # an .npz cut short: neither statistics nor samples can be read from it
+        raise UserError(f"'{path}' is not a readable .npz (it may be truncated); write it again (`cmgen eval "
+                        "ref-stats`, `cmgen sample --out X.npz`) or pass another file") from None
     except (OSError, ValueError):
         return False
 
 
 def load_stats(path, net: FeatureNet) -> Reference:
     """A saved statistics file; its feature space must be the one in use."""
-    with np.load(path, allow_pickle=False) as z:
-        mu, sigma = z["mu"], z["sigma"]
-        protocol = json.loads(str(z["protocol"])) if "protocol" in z.files else None
-        n = int(z["n"]) if "n" in z.files else None
-        feats = z["feats"] if "feats" in z.files else None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            mu, sigma = z["mu"], z["sigma"]
+            protocol = json.loads(str(z["protocol"])) if "protocol" in z.files else None
+            n = int(z["n"]) if "n" in z.files else None
+            feats = z["feats"] if "feats" in z.files else None
+    except (zipfile.BadZipFile, OSError, KeyError, ValueError, EOFError) as exc:
+        raise UserError(f"--ref '{path}' is not a readable statistics file ({type(exc).__name__}); rebuild it with "
+                        "`cmgen eval ref-stats`") from None
     if protocol is not None and protocol.get("feature_id") != net.id:
         raise UserError(f"--ref '{path}' was computed with features '{protocol.get('feature_id')}' but this "
                         f"evaluation uses '{net.id}'; rebuild it with `cmgen eval ref-stats` and the same --features")

@@ -141,13 +141,13 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def folder_source(folder, batch_size: int = 256, progress: bool = True, n: Optional[int] = None) -> Source:
-    from PIL import Image
+    from cmgen.data import open_image
 
     files = subset(image_files(folder), n)
     if not files:
         raise UserError(f"folder '{folder}' holds no images ({', '.join(sorted(IMAGE_EXTS))}); "
                         "pass a folder of samples, an .npz or a run")
-    with Image.open(files[0]) as im:
+    with open_image(files[0]) as im:
         first_mode, size = im.mode, im.size
     channels_found = 1 if first_mode in ("L", "1", "I;16", "I", "F") else 3
 
@@ -158,7 +158,7 @@ def folder_source(folder, batch_size: int = 256, progress: bool = True, n: Optio
         for start in range(0, len(files), batch_size):
             arrays = []
             for p in files[start:start + batch_size]:
-                with Image.open(p) as im:
+                with open_image(p) as im:
                     a = np.asarray(im.convert(pil_mode))
                 arrays.append(a[..., None] if a.ndim == 2 else a)
             if len({a.shape for a in arrays}) > 1:

@@ -30,6 +30,33 @@ def _truncated_ckpt(tmp, run):
     return dst
 
 
+def _a_file(tmp):
+    (tmp / "a_file").write_text("not a folder")
+    return tmp / "a_file"
+
+
+def _bad_image_folder(tmp):
+    (tmp / "imgs").mkdir()
+    (tmp / "imgs" / "zz.png").write_text("not an image")
+    return tmp / "imgs"
+
+
+def _blank_state(tmp, run):
+    dst = tmp / "blank"
+    shutil.copytree(run, dst)
+    (sorted((dst / "checkpoints").iterdir())[-1] / "state.json").write_text("{}")
+    return dst
+
+
+def _truncated_stats(tmp):
+    import numpy as np
+
+    np.savez(tmp / "st.npz", mu=np.zeros(64), sigma=np.eye(64))
+    data = (tmp / "st.npz").read_bytes()
+    (tmp / "st.npz").write_bytes(data[:300])
+    return tmp / "st.npz"
+
+
 def _foreign_ckpt(tmp, run):
     dst = tmp / "foreign"
     shutil.copytree(run, dst)
@@ -106,7 +133,24 @@ BAD_INPUTS = [
     ("eval negative keep", lambda t, r: ["eval", "fid", r, "--keep", "-1", "--n", "2"], ["--keep must be >= 0"]),
     ("eval source missing", lambda t, r: ["eval", "fid", t / "nothing", "--n", "2"],
      ["does not exist; pass a run, checkpoint or pipeline folder"]),
-    ("sample count zero", lambda t, r: ["sample", r, "--n", "0", "--out", t / "s.png"], ["--n must be at least 1"]),
+    ("sample count zero", lambda t, r: ["sample", r, "--n", "0", "--out", t / "s.png"],
+     ["argument --n: must be at least 1, got 0", "cmgen sample --help"]),
+    ("sample batch size zero", lambda t, r: ["sample", r, "--batch-size", "0", "--out", t / "s.png"],
+     ["argument --batch-size: must be at least 1, got 0"]),
+    ("threads negative", lambda t, r: ["eval", "fid", r, "--threads", "-1"], ["argument --threads: must be at least 0"]),
+    ("vae latent channels zero", lambda t, r: ["latents", "train-vae", "digits", "--out", t / "v", "--latent-channels",
+                                               "0"], ["argument --latent-channels: must be at least 1, got 0"]),
+    ("an unknown choice", lambda t, r: ["eval", "fid", r, "--mode", "foo"], ["argument --mode: invalid choice: 'foo'"]),
+    ("sample output onto an unwritable path", lambda t, r: ["sample", r, "--out", "/proc/cmgen-s.png", "--n", "2"],
+     ["cannot read or write '/proc/cmgen-s.png'"]),
+    ("eval output onto a file", lambda t, r: ["eval", "fid", r, "--n", "8", "--steps", "1", "--out", _a_file(t)],
+     ["cannot read or write", "a_file", "File exists"]),
+    ("an unreadable image in a folder", lambda t, r: ["eval", "fid", _bad_image_folder(t), "--ref", "digits"],
+     ["image file", "zz.png", "cannot be read", "remove or replace it"]),
+    ("a state.json of the wrong shape", lambda t, r: ["sample", _blank_state(t, r), "--out", t / "s.png"],
+     ["corrupt state.json", "older checkpoint"]),
+    ("a truncated statistics file", lambda t, r: ["eval", "fid", r, "--n", "8", "--steps", "1", "--ref",
+                                                  _truncated_stats(t)], ["st.npz' is not a readable .npz", "ref-stats"]),
     ("sigmas not numbers", lambda t, r: ["sample", r, "--sigmas", "80,x", "--out", t / "s.png"],
      ["--sigmas must be comma-separated numbers like 80,0.821, got '80,x'"]),
     ("vae channels not numbers", lambda t, r: ["latents", "train-vae", "digits", "--out", t / "v", "--channels", "32,x"],

@@ -143,10 +143,20 @@ def toy2d(kind: str, n: int, seed: int = 0) -> Dataset:
     raise UserError(f"recipe key 'data.toy' must be ring or moons, got '{kind}'")
 
 
+def open_image(path):
+    """PIL's image at `path`, or one sentence naming the file when it is not an image PIL can read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(path)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UserError(f"image file '{path}' cannot be read ({type(exc).__name__}); remove or replace it") from None
+
+
 def _decode(path: Path, resolution: Optional[int]) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as im:
+    with open_image(path) as im:
         im = im.convert("RGB")
         if resolution:
             side = min(im.size)
