@@ -83,6 +83,8 @@ TESTS = {
                        "tests/test_lcd.py::test_target_ema_moves_after_the_model_phase_only_in_lrm_mode",
                        "tests/test_reliability.py::test_dropout_of_every_method_is_keyed_so_a_resumed_run_equals_a_straight_one",
                        "tests/test_reliability.py::test_the_ema_follows_its_network_to_the_training_device",
+                       "tests/test_reliability.py::test_logged_terms_made_on_the_cpu_join_the_loss_on_the_training_device",
+                       "tests/test_lcd.py::test_every_net_and_tensor_of_a_latent_rglcd_run_lives_on_the_training_device",
                        "tests/test_mutants.py"],
     "sampling/ddim.py": LCD,
     "cmgen/methods/edm.py": ["tests/test_edm_flow.py", "tests/test_mutants.py"],
@@ -114,7 +116,7 @@ TESTS = {
     "cmgen/models/mlp.py": ["tests/test_formulas.py", "tests/test_edm_flow.py", *CTM],
     "cmgen/generator.py": ["tests/test_edm_flow.py", "tests/test_protocol.py", "tests/test_cli.py", "tests/test_latents.py",
                            "tests/test_eval_cli.py", *LCD],
-    "cmgen/checkpoint.py": ["tests/test_eval_rewards.py", "tests/test_lpips.py"] + CKPT,  # read_weights too
+    "cmgen/checkpoint.py": ["tests/test_eval_rewards.py", "tests/test_lpips.py", "tests/test_cli.py"] + CKPT,  # read_weights too
     "cmgen/state.py": CKPT,
     "cmgen/runs.py": ["tests/test_export.py", "tests/test_export_diffusion.py", "tests/test_cli.py", "tests/test_train.py",
                       "tests/test_awm_lora.py", "tests/test_lcd.py", "tests/test_mutants.py"],
@@ -676,6 +678,12 @@ MUTANTS = [
     M("pipelines: the scheduler's c_noise ignored", "cmgen/pipelines.py", "                             c_noise=c.c_noise)", "                             c_noise=\"cm\")"),
     M("ctm export: multistep exported as the recipe's gamma", "cmgen/export.py", "    gamma = 1.0 if s.sampler == \"multistep\" else s.gamma", "    gamma = s.gamma"),
     M("ctm heun: churn ignored", "sampling/registry.py", "    return _run_heun(net.denoise, noise, times, labels, gen, opt)", "    return _run_heun(net.denoise, noise, times, labels, gen, {\"churn\": 0.0})"),
+    # round 17, third part: GPU paths (meta stands in for the GPU) and one-line errors for bad input
+    M("train: logged terms left on their own device", "cmgen/train.py", "        sums[k] = sums.get(k, 0.0) + v.detach().float().to(device) / grad_accum", "        sums[k] = sums.get(k, 0.0) + v.detach().float() / grad_accum"),
+    M("train: the codec stays on the CPU", "cmgen/train.py", "        self.gen.to(self.device)   # a latent", "        pass   # a latent"),
+    M("runs: a pipeline's codec stays on the CPU", "cmgen/runs.py", "step=info.get(\"step\"), source=folder).to(device)", "step=info.get(\"step\"), source=folder)"),
+    M("cli: a count below its minimum accepted", "cmgen/cli.py", "        if value < low:", "        if False:"),
+    M("checkpoint: a state.json of any shape accepted", "cmgen/checkpoint.py", "            raise ValueError(\"not a cmgen state\")", "            pass"),
     M("train: targets move after every phase", "cmgen/train.py", "            if phase == \"model\":\n                for target in self.targets.values():", "            if phase in self.parts:\n                for target in self.targets.values():"),
 ]
 
