@@ -152,8 +152,7 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
 def read_state(ckpt: Path) -> dict:
     try:
         state = json.loads((Path(ckpt) / DONE_FILE).read_text())
-        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or \
-                not isinstance(state.get("data_shape"), list):
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
             raise ValueError("not a cmgen state")
         return state
     except FileNotFoundError:

@@ -39,6 +39,9 @@ def load_model(path, ema: bool = True, device="cpu") -> Generator:
 
     ckpt = resolve_checkpoint(path)
     state = read_state(ckpt)
+    if not isinstance(state.get("data_shape"), list):
+        raise UserError(f"checkpoint '{ckpt}' has a state.json without its data shape; it was not written by cmgen "
+                        "train, use another checkpoint")
     recipe = from_tree(read_yaml(ckpt / "recipe.yaml"))
     gen = Generator.build(recipe, tuple(state["data_shape"]), int(state["num_classes"]),
                           state.get("data_kind", "image"), step=state["step"], source=ckpt)

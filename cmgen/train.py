@@ -448,7 +448,7 @@ def _reset_accelerator_state(mixed_precision: str) -> None:
 
 def add_terms(sums: dict, terms: dict, device, grad_accum: int) -> None:
     """Fold one micro-batch's logged terms into `sums` (their mean over the step), on the training device: a
-    method may return counters made on the CPU (iCT's N, CTM's k) beside a loss on the GPU."""
+    method may return counters made on the CPU beside a loss on the GPU."""
     for k, v in terms.items():
         sums[k] = sums.get(k, 0.0) + v.detach().float().to(device) / grad_accum
 

@@ -97,13 +97,7 @@ def test_the_ema_follows_its_network_to_the_training_device(tmp_path, monkeypatc
     the weights on the CPU, must follow, or the first update mixes devices. `meta` stands in for the GPU."""
     import accelerate
 
-    prepare = accelerate.Accelerator.prepare
-
-    def to_meta(self, *objects):
-        module, optimizer = prepare(self, *objects)
-        return module.to("meta"), optimizer
-
-    monkeypatch.setattr(accelerate.Accelerator, "prepare", to_meta)
+    monkeypatch.setattr(accelerate.Accelerator, "device", property(lambda self: torch.device("meta")))
     trainer = Trainer(load_recipe("ict_toy2d", ["model.hidden=16", "model.depth=1", "train.threads=1"]), tmp_path,
                       progress=False)
     part = trainer.parts["model"]
